@@ -1,0 +1,1 @@
+"""polymorphd runtime: everything here must import without torch."""

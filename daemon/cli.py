@@ -1,0 +1,167 @@
+"""The ``polymorphd`` command line: parse arguments, then hand off to one module.
+
+Handlers are imported lazily so that runtime commands (serve, eval, subscribe,
+ctl, bundle verify) never import torch, and ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from polymorphd.models.errors import MissingExtraError, PolymorphError
+
+# command -> "module:function"; the function takes the parsed Namespace and returns an exit code.
+HANDLERS = {
+    "data synth": "polymorphd.models.synth:cli_synth",
+    "train": "polymorphd.models.train:cli_train",
+    "export": "polymorphd.export.bundle:cli_export",
+    "keygen": "polymorphd.export.signing:cli_keygen",
+    "bundle verify": "polymorphd.export.verify:cli_verify",
+    "eval": "polymorphd.daemon.evaluate:cli_eval",
+    "bench": "polymorphd.daemon.bench:cli_bench",
+    "serve": "polymorphd.daemon.app:cli_serve",
+    "subscribe": "polymorphd.daemon.subscribe:cli_subscribe",
+    "ctl": "polymorphd.daemon.control:cli_ctl",
+    "demo": "polymorphd.daemon.demo:cli_demo",
+    "proxy": "polymorphd.daemon.proxy:cli_proxy",
+}
+
+MODES = ("full", "early-exit", "polymorph", "switching", "merged")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="polymorphd", description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v INFO, -vv DEBUG)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
+    s = data.add_parser("synth", help="write a synthetic multi-label video dataset in TAO format")
+    s.add_argument("--out", required=True, help="dataset directory to write (must not exist or be empty)")
+    s.add_argument("--classes", type=int, default=32, help="number of object classes")
+    s.add_argument("--contexts", type=int, default=6, help="number of scene contexts (class groups)")
+    s.add_argument("--videos", type=int, nargs=3, default=(24, 6, 6), metavar=("TRAIN", "VAL", "TEST"),
+                   help="videos per split")
+    s.add_argument("--frames", type=int, default=60, help="frames per video")
+    s.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"), help="frame size")
+    s.add_argument("--annotate-every", type=int, default=1, help="annotate one frame in N (TAO: about 1 per second)")
+    s.add_argument("--background", default=None, help="video file for backgrounds (default: procedural)")
+    s.add_argument("--seed", type=int, default=0)
+
+    t = sub.add_parser("train", help="train backbone, exits (copycat), contexts and adapters")
+    t.add_argument("--data", required=True, help="TAO-format dataset directory")
+    t.add_argument("--out", required=True, help="run directory (resumed if it exists)")
+    t.add_argument("--preset", choices=("tiny", "small", "base"), default="small")
+    t.add_argument("--init-from", default=None, help="timm or Hugging Face ViT/DeiT checkpoint to start from")
+    t.add_argument("--epochs", type=int, default=None, help="override the preset's generalist epochs")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+
+    e = sub.add_parser("export", help="export a training run to an ONNX bundle")
+    e.add_argument("--run", required=True, help="training run directory")
+    e.add_argument("--out", required=True, help="bundle directory to create")
+    e.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantization")
+    e.add_argument("--fp16", action="store_true", help="store float16 weights (GPU boards)")
+    e.add_argument("--sign-key", default=None, help="Ed25519 private key (PEM) to sign the manifest")
+    e.add_argument("--adapters-only", action="store_true",
+                   help="write an adapter bundle (contexts, adapters, heads) for the run's base")
+    e.add_argument("--version", type=int, default=None, help="bundle version (default: 1, or base + 1)")
+
+    k = sub.add_parser("keygen", help="create an Ed25519 key pair for bundle signing")
+    k.add_argument("--out", required=True, help="private key path; the public key goes to OUT.pub")
+
+    b = sub.add_parser("bundle", help="bundle tools").add_subparsers(dest="bundle_command", required=True)
+    v = b.add_parser("verify", help="check a bundle's schema, hashes, signature and graphs")
+    v.add_argument("bundle")
+    v.add_argument("--pubkey", default=None, help="Ed25519 public key (PEM); the signature must verify")
+    v.add_argument("--base", default=None, help="for an adapter bundle: the base bundle it must match")
+
+    ev = sub.add_parser("eval", help="stream a dataset through the engine: mAP, exits, latency, GFLOPs")
+    ev.add_argument("--bundle", required=True)
+    ev.add_argument("--data", required=True)
+    ev.add_argument("--split", default="validation")
+    ev.add_argument("--mode", choices=(*MODES, "all"), default="polymorph")
+    ev.add_argument("--json", default=None, help="write the full report as JSON here")
+    ev.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
+    ev.add_argument("--max-frames", type=int, default=None, help="stop after this many frames per mode")
+
+    be = sub.add_parser("bench", help="all modes side by side: table and plots")
+    be.add_argument("--bundle", required=True)
+    be.add_argument("--data", required=True)
+    be.add_argument("--out", required=True, help="report directory (table.md, report.json, *.png)")
+    be.add_argument("--split", default="validation")
+    be.add_argument("--threads", type=int, default=2)
+    be.add_argument("--max-frames", type=int, default=None)
+
+    sv = sub.add_parser("serve", help="run the daemon")
+    sv.add_argument("--config", default=None, help="YAML or JSON config file")
+    sv.add_argument("--bundle", default=None)
+    sv.add_argument("--source", default=None, help="URI: /dev/videoN, N, file path, rtsp://, gst:PIPELINE, synthetic:")
+    sv.add_argument("--pub", default=None, help="label stream endpoint, e.g. tcp://*:5555")
+    sv.add_argument("--ctl", default=None, help="control endpoint, e.g. tcp://127.0.0.1:5556")
+    sv.add_argument("--camera", default=None, help="camera name used in topics")
+    sv.add_argument("--mode", choices=MODES, default=None)
+    sv.add_argument("--fps", type=float, default=None, help="source rate limit (0: unlimited)")
+    sv.add_argument("--validate-config", action="store_true", help="check the config and exit")
+
+    su = sub.add_parser("subscribe", help="print the label stream as JSON lines")
+    su.add_argument("--endpoint", required=True)
+    su.add_argument("--topic", default="", help="topic prefix filter, e.g. labels/cam0")
+    su.add_argument("--summary", type=float, default=None, metavar="SECONDS",
+                    help="print a summary (fps, seq gaps, label counts) every N seconds to stderr")
+    su.add_argument("--count", type=int, default=None, help="exit after this many messages")
+    su.add_argument("--timeout", type=float, default=None, help="exit 1 if nothing arrives for this long")
+
+    c = sub.add_parser("ctl", help="send one control command to a running daemon")
+    c.add_argument("--endpoint", required=True)
+    c.add_argument("--timeout", type=float, default=5.0)
+    c.add_argument("cmd", choices=("status", "stats", "load", "rollback", "reload", "set"))
+    c.add_argument("args", nargs="*", help="load: PATH; set: KEY=VALUE ...")
+
+    d = sub.add_parser("demo", help="train (if not cached), serve on synthetic:, print labels beside truth")
+    d.add_argument("--cache", default=None, help="where the demo bundle is cached (default ~/.cache/polymorphd)")
+    d.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    d.add_argument("--fps", type=float, default=30.0)
+
+    px = sub.add_parser("proxy", help="ZeroMQ XSUB/XPUB fan-in/fan-out for a fleet")
+    px.add_argument("--frontend", required=True, help="where daemons publish (XSUB bind)")
+    px.add_argument("--backend", required=True, help="where subscribers connect (XPUB bind)")
+    return p
+
+
+def _handler(args: argparse.Namespace):
+    key = args.command
+    for sub_attr in ("data_command", "bundle_command"):
+        if getattr(args, sub_attr, None):
+            key = f"{key} {getattr(args, sub_attr)}"
+    module_name, func = HANDLERS[key].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "onnx", "onnxscript"):
+            raise MissingExtraError(
+                f"'polymorphd {key}' needs {exc.name}, which is not installed: "
+                "install the training extra with pip install 'polymorphd[train]'"
+            ) from exc
+        raise
+    return getattr(module, func)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(_handler(args)(args) or 0)
+    except PolymorphError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""polymorphd export: torch -> ONNX bundle, plus torch-free verification."""

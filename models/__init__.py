@@ -1,0 +1,1 @@
+"""polymorphd models: PyTorch pieces plus torch-free shared cores."""
