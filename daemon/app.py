@@ -1,0 +1,479 @@
+"""The daemon: lifecycle, frame loop and hot swap (uvicorn's shape, frigate's capture path).
+
+start() is a straight list of steps: engine load + warm-up, energy meter,
+metrics, sockets, capture thread, control thread, then READY=1. run() is the
+frame loop; control requests that touch the engine (swap, rollback, knobs) are
+queued and run by the loop between two frames, so no frame ever sees half a
+swap. Loads happen off the loop (control thread or a reload worker). stop()
+undoes start() in reverse with a bounded grace period.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+import zmq
+
+from polymorphd.daemon.config import DaemonConfig, load_config, overrides_from_args, summary
+from polymorphd.daemon.control import ControlServer
+from polymorphd.daemon.metrics import Metrics
+from polymorphd.daemon.power import Meter, probe_meter
+from polymorphd.daemon.publish import Publisher, label_payload
+from polymorphd.daemon.sources import FrameSource, Opener
+from polymorphd.daemon.systemd import Notifier
+from polymorphd.models.errors import PolymorphError
+
+log = logging.getLogger(__name__)
+
+EngineFactory = Callable[..., Any]  # (path, *, mode, providers, threads, pubkey) -> Engine
+_ENGINE_FIELDS = ("bundle", "mode", "providers", "threads", "pubkey")
+_LIVE_FIELDS = (*_ENGINE_FIELDS, "policy", "include_scores", "heartbeat_s", "log_level", "warmup_runs")
+
+
+def _default_factory(path: str, **kwargs: Any) -> Any:
+    from polymorphd.daemon.engine import load_engine
+
+    return load_engine(path, **kwargs)
+
+
+def _default_adapter_check(path: str) -> bool:
+    from polymorphd.daemon.engine import is_adapter_bundle
+
+    return is_adapter_bundle(path)
+
+
+class Daemon:
+    """One camera, one engine reference, one label stream."""
+
+    def __init__(
+        self,
+        cfg: DaemonConfig,
+        *,
+        config_path: str | None = None,
+        overrides: dict[str, Any] | None = None,
+        engine_factory: EngineFactory | None = None,
+        adapter_check: Callable[[str], bool] | None = None,
+        opener: Opener | None = None,
+        meter: Meter | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._config_path, self._overrides = config_path, overrides or {}
+        self._factory = engine_factory or _default_factory
+        self._adapter_check = adapter_check or _default_adapter_check
+        self._opener, self.meter = opener, meter
+        self.notifier = Notifier(env)
+        self.state = "created"
+        self.engine: Any = None
+        self.previous: Any = None
+        self._policy_state: Any = None
+        self._knob_overrides: dict[str, Any] = {}
+        self._stop, self._loop_done = threading.Event(), threading.Event()
+        self._loop_done.set()  # no loop is running yet
+        self._signalled = self._reload_requested = False  # set by signal handlers: plain flags, no locks
+        self._load_lock = threading.Lock()
+        self._actions: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self.ctx: zmq.Context | None = None
+        self.publisher: Publisher | None = None
+        self.source: FrameSource | None = None
+        self.control: ControlServer | None = None
+        self.metrics: Metrics | None = None
+        self._auth: Any = None
+        self._started = time.monotonic()
+        self._pub_times: deque[float] = deque(maxlen=64)
+        self._recent: deque[dict[str, float]] = deque(maxlen=512)
+        self._energy: deque[float] = deque(maxlen=512)
+        self._exits: Counter[str] = Counter()
+        self.frames = self.frame_errors = self._failed_unreported = self._dropped_total = 0
+        self._last_status = self._last_sd_status = float("-inf")
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        log.info("starting: %s", summary(cfg))
+        try:
+            self.engine = self._prepare(cfg.bundle, cfg)
+            self._policy_state = self.engine.new_state()
+            self.meter = self.meter or probe_meter()
+            self.metrics = Metrics(cfg.camera)
+            if cfg.metrics_port:
+                self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
+            self.ctx = zmq.Context()
+            if cfg.curve is not None:
+                self._start_auth(cfg)
+            self.publisher = Publisher(self.ctx, cfg.pub, cfg.camera, cfg.payload_format, cfg.curve)
+            self.source = FrameSource.from_config(cfg, self._opener)
+            self.source.start()
+            handlers = {
+                "status": self._cmd_status,
+                "stats": self._cmd_stats,
+                "load": self._cmd_load,
+                "rollback": self._cmd_rollback,
+                "reload": self._cmd_reload,
+                "set": self._cmd_set,
+            }
+            self.control = ControlServer(self.ctx, cfg.ctl, handlers, cfg.curve)
+            self.control.start()
+        except BaseException:
+            self.stop()
+            raise
+        self.state = "running"
+        self._publish_status()
+        self.notifier.ready(self._sd_status())
+        log.info(
+            "serving %s on %s (control %s)",
+            self.engine.bundle_id,
+            self.publisher.address,
+            self.control.address,
+        )
+
+    def run(self) -> None:
+        """The frame loop; returns when stop is requested. One bad frame never ends it."""
+        self._loop_done.clear()
+        try:
+            while not (self._stop.is_set() or self._signalled):
+                self._tick()
+                frame = self.source.get(timeout=0.05)
+                if frame is not None:
+                    self._process(frame)
+        finally:
+            self._loop_done.set()
+
+    def request_stop(self) -> None:
+        """From another thread: end the loop after the current frame."""
+        self._stop.set()
+
+    def signal_stop(self) -> None:
+        """From a signal handler: only sets a flag (taking a lock here could deadlock the main thread)."""
+        self._signalled = True
+
+    def request_reload(self) -> None:
+        """From a signal handler: the loop starts the reload off-loop."""
+        self._reload_requested = True
+
+    def stop(self) -> None:
+        """Undo start() in reverse; bounded by cfg.stop_timeout_s per thread."""
+        if self.state in ("stopped", "stopping"):
+            return
+        deadline = time.monotonic() + self.cfg.stop_timeout_s
+
+        def left() -> float:
+            return max(0.05, deadline - time.monotonic())
+
+        self.state = "stopping"
+        self.notifier.stopping()
+        self._stop.set()
+        self._loop_done.wait(left())
+        while not self._actions.empty():
+            _, fut = self._actions.get_nowait()
+            fut.set_exception(PolymorphError("daemon is stopping"))
+        clean = True
+        if self.control is not None:
+            clean = self.control.stop(left())
+        if self.source is not None:
+            self.source.stop(left())
+        if self.publisher is not None:
+            self.state = "stopped"
+            self._publish_status()
+            self.publisher.close(linger_ms=200)  # a bounded chance for the final status to leave
+        if self._auth is not None:
+            self._auth.stop()
+        if self.ctx is not None and clean:
+            self.ctx.term()  # would block on the control socket if its thread were still busy
+        for closer in (self.metrics, self.meter, self.previous, self.engine):
+            if closer is not None:
+                closer.close()
+        self.notifier.close()
+        self.state = "stopped"
+        log.info("stopped after %d frames", self.frames)
+
+    def _start_auth(self, cfg: DaemonConfig) -> None:
+        import zmq.auth
+        from zmq.auth.thread import ThreadAuthenticator
+
+        self._auth = ThreadAuthenticator(self.ctx)
+        self._auth.start()
+        self._auth.configure_curve(domain="*", location=cfg.curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+
+    # ---- frame loop ------------------------------------------------------------------------------------------
+    def _tick(self) -> None:
+        while True:
+            try:
+                fn, fut = self._actions.get_nowait()
+            except queue.Empty:
+                break
+            try:
+                fut.set_result(fn())
+            except Exception as exc:
+                fut.set_exception(exc)
+        if self._reload_requested:
+            self._reload_requested = False
+            threading.Thread(target=self._reload_logged, name="polymorphd-reload", daemon=True).start()
+        self.notifier.watchdog()
+        now = time.monotonic()
+        if now - self._last_status >= self.cfg.heartbeat_s:
+            self._publish_status()
+        if now - self._last_sd_status >= 5.0:
+            self._last_sd_status = now
+            self.notifier.status(self._sd_status())
+
+    def _process(self, frame: Any) -> None:
+        t_start = time.time_ns()
+        engine = self.engine
+        try:
+            self.meter.sample()
+            r = engine.infer(frame.image, self._policy_state)
+            energy = self.meter.energy_mj(r.infer_t0_ns, r.infer_t1_ns)
+            dropped = self.source.take_dropped() + self._failed_unreported
+            latency = {
+                "capture": frame.read_ms + (t_start - frame.ts_ns) / 1e6,
+                "preprocess": r.preprocess_ms,
+                "inference": r.inference_ms,
+            }
+            body = label_payload(
+                camera=self.cfg.camera,
+                frame_ts=frame.ts_ns,
+                bundle=engine.bundle_id,
+                classes=engine.classes,
+                probs=r.probs,
+                labels=r.labels,
+                exit=r.exit,
+                adapters=r.adapters,
+                latency_ms=latency,
+                energy_mj=energy,
+                energy_source=self.meter.source,
+                dropped=dropped,
+                include_scores=self.cfg.include_scores,
+                truth=frame.truth,
+            )
+            latency["total"] = frame.read_ms + (time.time_ns() - frame.ts_ns) / 1e6
+            body["latency_ms"]["total"] = round(latency["total"], 3)
+        except Exception as exc:  # log, count, continue: one bad frame must not end the stream
+            self.frame_errors += 1
+            self._failed_unreported += 1
+            self.metrics.error()
+            level = (
+                logging.WARNING if self.frame_errors <= 5 or self.frame_errors % 100 == 0 else logging.DEBUG
+            )
+            log.log(
+                level,
+                "frame %d failed (%d so far): %s: %s",
+                frame.index,
+                self.frame_errors,
+                type(exc).__name__,
+                exc,
+            )
+            return
+        self._failed_unreported = 0
+        pub_dropped = self.publisher.dropped
+        self.publisher.publish_labels(body)
+        self.metrics.publish_dropped(self.publisher.dropped - pub_dropped)
+        self.frames += 1
+        self._dropped_total += dropped
+        self._pub_times.append(time.monotonic())
+        self._recent.append(latency)
+        self._exits[str(r.exit)] += 1
+        if energy is not None:
+            self._energy.append(energy)
+        self.metrics.frame(r.exit, r.adapters, latency, energy, dropped)
+        if self.frames % 16 == 0:
+            self.metrics.fps(self.fps())
+
+    def fps(self) -> float:
+        t = self._pub_times
+        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+
+    def _between_frames(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run fn on the frame loop at a frame boundary and return its result."""
+        if self._stop.is_set():
+            raise PolymorphError("daemon is stopping")
+        fut: Future = Future()
+        self._actions.put((fn, fut))
+        try:
+            return fut.result(timeout)
+        except TimeoutError as exc:
+            raise PolymorphError(f"frame loop did not reach a frame boundary within {timeout:g} s") from exc
+
+    # ---- engines ---------------------------------------------------------------------------------------------
+    def _prepare(self, path: str, cfg: DaemonConfig) -> Any:
+        """Verify + load + knobs + warm-up, off the frame loop; the running engine is untouched."""
+        if self.engine is not None and self._adapter_check(path):
+            new = self.engine.with_adapter_bundle(path, cfg.pubkey)
+        else:
+            new = self._factory(
+                path, mode=cfg.mode, providers=tuple(cfg.providers), threads=cfg.threads, pubkey=cfg.pubkey
+            )
+        try:
+            if cfg.policy:
+                new.set_knobs(**cfg.policy)
+            for key, value in self._knob_overrides.items():
+                try:
+                    new.set_knobs(**{key: value})
+                except PolymorphError as exc:
+                    log.warning("runtime knob %s=%r does not apply to %s: %s", key, value, new.bundle_id, exc)
+            state, rng = new.new_state(), np.random.default_rng(0)
+            for _ in range(cfg.warmup_runs):  # noise, not black: later exits and adapters get exercised too
+                new.infer(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), state)
+        except BaseException:
+            new.close()
+            raise
+        log.info("loaded %s from %s", new.bundle_id, path)
+        return new
+
+    def _swap(self, new: Any) -> dict[str, Any]:
+        retired, self.previous, self.engine = self.previous, self.engine, new
+        self._policy_state = new.new_state()  # policy history belongs to the old classes/contexts
+        if retired is not None and retired is not new:
+            retired.close()
+        log.info("now serving %s (previous %s)", new.bundle_id, self.previous.bundle_id)
+        return {"bundle": new.bundle_id, "previous": self.previous.bundle_id}
+
+    def _load(self, path: str, cfg: DaemonConfig) -> dict[str, Any]:
+        with self._load_lock:
+            new = self._prepare(path, cfg)
+            try:
+                return self._between_frames(lambda: self._swap(new))
+            except BaseException:
+                new.close()
+                raise
+
+    def _rollback(self) -> dict[str, Any]:
+        if self.previous is None:
+            raise PolymorphError("rollback: no previous bundle (nothing was loaded since start)")
+        self.engine, self.previous = self.previous, self.engine
+        self._policy_state = self.engine.new_state()
+        log.info("rolled back to %s", self.engine.bundle_id)
+        return {"bundle": self.engine.bundle_id, "previous": self.previous.bundle_id}
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config; reload the bundle when its fields changed (or always without a file)."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_path, self._overrides) if self._config_path else self.cfg
+            old = self.cfg
+            changed = [f for f in DaemonConfig.model_fields if getattr(new, f) != getattr(old, f)]
+            reply: dict[str, Any] = {"restart_required": [f for f in changed if f not in _LIVE_FIELDS]}
+            merged = old.model_copy(update={f: getattr(new, f) for f in _LIVE_FIELDS})
+            if not self._config_path or any(f in changed for f in _ENGINE_FIELDS):
+                reply.update(self._load(merged.bundle, merged))
+                reply["reloaded_bundle"] = True
+            elif "policy" in changed and merged.policy:
+                reply["knobs"] = self._between_frames(lambda: self.engine.set_knobs(**merged.policy))
+            self.cfg = merged
+            reply["applied"] = [f for f in changed if f in _LIVE_FIELDS]
+            return reply
+        finally:
+            self.notifier.ready(self._sd_status())
+
+    def _reload_logged(self) -> None:
+        try:
+            log.info("reload (SIGHUP): %s", self.reload())
+        except Exception as exc:
+            log.error("reload failed, still serving %s: %s", self.engine.bundle_id, exc)
+
+    # ---- control handlers (control thread) -------------------------------------------------------------------
+    def _cmd_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.status()
+
+    def _cmd_stats(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.stats()
+
+    def _cmd_load(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._load(req["path"], self.cfg)
+
+    def _cmd_rollback(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self._between_frames(self._rollback)
+
+    def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
+        return self.reload()
+
+    def _cmd_set(self, req: dict[str, Any]) -> dict[str, Any]:
+        knobs = {k: v for k, v in req.items() if k != "cmd"}
+        result = self._between_frames(lambda: self.engine.set_knobs(**knobs))
+        self._knob_overrides.update(knobs)
+        return {"knobs": result}
+
+    # ---- reporting -------------------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        src = self.source.stats() if self.source is not None else {"state": "starting"}
+        return {
+            "state": self.state,
+            "bundle": self.engine.bundle_id if self.engine is not None else None,
+            "previous": self.previous.bundle_id if self.previous is not None else None,
+            "mode": self.cfg.mode,
+            "fps": round(self.fps(), 2),
+            "frames": self.frames,
+            "seq": self.publisher.seq if self.publisher is not None else 0,
+            "frame_errors": self.frame_errors,
+            "dropped": self._dropped_total,
+            "source": src,
+            "energy_source": self.meter.source if self.meter is not None else "none",
+            "uptime_s": round(time.monotonic() - self._started, 1),
+            "pid": os.getpid(),
+        }
+
+    def stats(self) -> dict[str, Any]:
+        lat: dict[str, dict[str, float]] = {}
+        if self._recent:
+            for stage in self._recent[-1]:
+                v = np.array([d[stage] for d in self._recent if stage in d])
+                lat[stage] = {
+                    "mean": round(float(v.mean()), 3),
+                    "p50": round(float(np.percentile(v, 50)), 3),
+                    "p95": round(float(np.percentile(v, 95)), 3),
+                }
+        return {
+            **self.status(),
+            "exits": dict(self._exits),
+            "latency_ms": lat,
+            "energy_mj_mean": round(float(np.mean(self._energy)), 4) if self._energy else None,
+            "published": self.publisher.sent if self.publisher else 0,
+            "publish_dropped": self.publisher.dropped if self.publisher else 0,
+            "knobs": self.engine.knobs() if self.engine is not None else {},
+            "control_requests": self.control.requests if self.control else 0,
+        }
+
+    def _publish_status(self) -> None:
+        self._last_status = time.monotonic()
+        if self.publisher is not None:
+            self.publisher.publish_status(self.status())
+
+    def _sd_status(self) -> str:
+        bundle = self.engine.bundle_id if self.engine is not None else "-"
+        return f"{bundle}, {self.fps():.1f} fps, {self.frames} frames"
+
+
+def cli_serve(args: argparse.Namespace) -> int:
+    """``polymorphd serve``: validate the config, then run until SIGTERM/SIGINT (SIGHUP reloads)."""
+    overrides = overrides_from_args(args)
+    cfg = load_config(args.config, overrides)
+    if args.validate_config:
+        print(f"config OK: {summary(cfg)}")
+        return 0
+    if not getattr(args, "verbose", 0):
+        logging.getLogger("polymorphd").setLevel(cfg.log_level)
+    daemon = Daemon(cfg, config_path=args.config, overrides=overrides)
+    previous = {
+        signal.SIGTERM: signal.signal(signal.SIGTERM, lambda *_: daemon.signal_stop()),
+        signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: daemon.signal_stop()),
+        signal.SIGHUP: signal.signal(signal.SIGHUP, lambda *_: daemon.request_reload()),
+    }
+    try:
+        daemon.start()
+        daemon.run()
+    finally:
+        daemon.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0

@@ -1,0 +1,296 @@
+"""Frame sources: a capture thread that keeps the latest frame, rate-limits, and reconnects.
+
+URIs: ``/dev/videoN`` or ``N`` (V4L2), a video file, ``rtsp://``/``http(s)://``
+streams, ``gst:PIPELINE`` (GStreamer, e.g. Jetson CSI cameras) and
+``synthetic:[?seed=3&classes=32]`` (the synthetic generator, with ground truth).
+The capture thread never waits for inference under the default drop-oldest
+policy: an unread frame is replaced and counted as dropped (frigate's capture path).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from polymorphd.daemon.config import DaemonConfig, parse_synthetic, source_kind
+from polymorphd.models.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+SourceState = Literal["starting", "live", "reconnecting", "ended", "stopped"]
+
+
+@dataclass(frozen=True)
+class Frame:
+    image: np.ndarray  # (H, W, 3) uint8 BGR
+    ts_ns: int  # capture time: time.time_ns() when the read returned
+    index: int  # frames read from this source since start
+    read_ms: float  # how long the read itself took
+    truth: tuple[int, ...] | None = None  # ground-truth class ids when the source knows them
+
+
+class Capture(Protocol):
+    """What the capture thread needs from a camera; ``finite`` sources end instead of reconnecting."""
+
+    finite: bool
+
+    def read(self) -> tuple[bool, np.ndarray | None, tuple[int, ...] | None]: ...
+
+    def release(self) -> None: ...
+
+
+Opener = Callable[[str, bool], Capture]  # (uri, loop) -> open capture; raises OSError when it cannot open
+
+
+class CvCapture:
+    """cv2.VideoCapture for V4L2, files, network streams and GStreamer pipelines."""
+
+    def __init__(self, uri: str, loop: bool = False) -> None:
+        import cv2
+
+        kind = source_kind(uri)
+        self.finite = kind == "file" and not loop
+        self._loop = kind == "file" and loop
+        if kind == "v4l2":
+            target: int | str = int(uri) if uri.isdigit() else uri
+            self._cap = cv2.VideoCapture(target, cv2.CAP_V4L2)
+            # A one-frame driver buffer keeps what we read fresh when inference is slower than the camera.
+            self._cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        elif kind == "gst":
+            self._cap = cv2.VideoCapture(uri[4:].strip(), cv2.CAP_GSTREAMER)
+        elif kind == "stream":
+            self._cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG)
+        else:
+            self._cap = cv2.VideoCapture(uri)
+        if not self._cap.isOpened():
+            self._cap.release()
+            raise OSError(f"OpenCV could not open {uri!r}")
+
+    def read(self) -> tuple[bool, np.ndarray | None, tuple[int, ...] | None]:
+        import cv2
+
+        ok, img = self._cap.read()
+        if not ok and self._loop and self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+            ok, img = self._cap.read()
+        if ok and img is not None and img.ndim == 2:
+            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
+        return ok, img, None
+
+    def release(self) -> None:
+        self._cap.release()
+
+
+class SynthCapture:
+    """The synthetic generator as an endless camera that also knows each frame's labels."""
+
+    finite = False
+
+    def __init__(self, uri: str) -> None:
+        from polymorphd.models.synth import SynthConfig, SynthStream
+
+        args = parse_synthetic(uri)
+        renames = {"classes": "num_classes", "contexts": "num_contexts", "width": "width", "height": "height"}
+        kwargs: dict[str, object] = {renames[k]: int(v) for k, v in args.items() if k in renames}
+        if args.get("background"):
+            kwargs["background"] = args["background"]
+        seed = int(args.get("seed", 0))
+        stream = SynthStream(SynthConfig(**kwargs), seed=seed)
+        self.class_names = list(stream.class_names)
+        self._it = iter(stream)
+
+    def read(self) -> tuple[bool, np.ndarray | None, tuple[int, ...] | None]:
+        f = next(self._it)
+        return True, f.image, tuple(int(c) for c in f.labels)
+
+    def release(self) -> None:
+        self._it = iter(())
+
+
+def open_capture(uri: str, loop: bool = False) -> Capture:
+    """The default opener: a synthetic stream or an OpenCV capture."""
+    if uri.startswith("synthetic:"):
+        return SynthCapture(uri)
+    return CvCapture(uri, loop)
+
+
+def preflight(uri: str) -> None:
+    """Fail at start, not in the reconnect loop, for problems no retry can fix."""
+    kind = source_kind(uri)
+    if kind == "gst":
+        import cv2
+
+        info = cv2.getBuildInformation()
+        if "GStreamer:" in info and "GStreamer:                   NO" in info.replace("\t", " "):
+            raise ConfigError(
+                f"source {uri!r}: this OpenCV was built without GStreamer; install a GStreamer-enabled OpenCV "
+                "(JetPack's python3-opencv) or use a /dev/videoN or file source"
+            )
+    if kind == "synthetic":
+        try:
+            import polymorphd.models.synth  # noqa: F401
+        except ImportError as exc:
+            raise ConfigError(f"source {uri!r}: the synthetic generator is unavailable: {exc}") from exc
+
+
+class FrameSource:
+    """Capture thread + one-frame buffer. get() hands the newest frame to the frame loop."""
+
+    def __init__(
+        self,
+        uri: str,
+        *,
+        fps: float = 0.0,
+        loop: bool = False,
+        drop_policy: Literal["drop-oldest", "block"] = "drop-oldest",
+        reconnect_initial_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        opener: Opener | None = None,
+    ) -> None:
+        self.uri = uri
+        self._period = 1.0 / fps if fps > 0 else 0.0
+        self._loop = loop
+        self._block = drop_policy == "block"
+        self._backoff0, self._backoff_max = reconnect_initial_s, reconnect_max_s
+        self._opener = opener or open_capture
+        self._cond = threading.Condition()
+        self._slot: Frame | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.state: SourceState = "starting"
+        self._frames = self._dropped = self._dropped_unreported = self._reconnects = 0
+        self._last_error: str | None = None
+        self._times: deque[float] = deque(maxlen=32)
+
+    @classmethod
+    def from_config(cls, cfg: DaemonConfig, opener: Opener | None = None) -> FrameSource:
+        return cls(
+            cfg.source,
+            fps=cfg.source_fps,
+            loop=cfg.loop,
+            drop_policy=cfg.drop_policy,
+            reconnect_initial_s=cfg.reconnect.initial_s,
+            reconnect_max_s=cfg.reconnect.max_s,
+            opener=opener,
+        )
+
+    def start(self) -> None:
+        if self._opener is open_capture:
+            preflight(self.uri)
+        self._thread = threading.Thread(target=self._run, name="polymorphd-capture", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 1.0) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning(
+                    "capture thread for %s did not stop within %.1f s (blocked in a read)", self.uri, timeout
+                )
+        if self.state != "ended":
+            self.state = "stopped"
+
+    def get(self, timeout: float) -> Frame | None:
+        """The newest unread frame, or None after timeout."""
+        with self._cond:
+            if self._slot is None:
+                self._cond.wait(timeout)
+            frame, self._slot = self._slot, None
+            self._cond.notify_all()
+        return frame
+
+    def take_dropped(self) -> int:
+        """Frames dropped since the previous call (for the label message's ``dropped``)."""
+        with self._cond:
+            n, self._dropped_unreported = self._dropped_unreported, 0
+        return n
+
+    def stats(self) -> dict[str, object]:
+        t = self._times
+        fps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+        return {
+            "uri": self.uri,
+            "state": self.state,
+            "frames": self._frames,
+            "dropped": self._dropped,
+            "reconnects": self._reconnects,
+            "fps": round(fps, 2),
+            "last_error": self._last_error,
+        }
+
+    def _put(self, frame: Frame) -> None:
+        with self._cond:
+            if self._block:
+                while self._slot is not None and not self._stop.is_set():
+                    self._cond.wait(0.1)
+            elif self._slot is not None:
+                self._dropped += 1
+                self._dropped_unreported += 1
+            self._slot = frame
+            self._cond.notify_all()
+
+    def _fail(self, cap: Capture | None, why: str, backoff: float) -> float:
+        if cap is not None:
+            cap.release()
+        self._last_error = why
+        self._reconnects += 1
+        self.state = "reconnecting"
+        log.warning("source %s: %s; retrying in %.1f s", self.uri, why, backoff)
+        self._stop.wait(backoff)
+        return min(backoff * 2, self._backoff_max)
+
+    def _run(self) -> None:
+        cap: Capture | None = None
+        backoff = self._backoff0
+        next_due = time.monotonic()
+        try:
+            while not self._stop.is_set():
+                if cap is None:
+                    try:
+                        cap = self._opener(self.uri, self._loop)
+                    except Exception as exc:  # any open failure is retried: cameras come and go
+                        backoff = self._fail(None, f"cannot open: {exc}", backoff)
+                        continue
+                if self._period:
+                    self._stop.wait(max(0.0, next_due - time.monotonic()))
+                    next_due = max(next_due + self._period, time.monotonic())
+                t0 = time.perf_counter()
+                try:
+                    ok, img, truth = cap.read()
+                except StopIteration:
+                    ok, img, truth = False, None, None
+                except Exception as exc:
+                    backoff = self._fail(cap, f"read failed: {exc}", backoff)
+                    cap = None
+                    continue
+                if not ok or img is None:
+                    if cap.finite:
+                        cap.release()
+                        cap = None
+                        self.state = "ended"
+                        self._last_error = "end of file"
+                        log.info("source %s ended (end of file; set loop: true to repeat it)", self.uri)
+                        return
+                    backoff = self._fail(cap, "no frame (source failed or ended)", backoff)
+                    cap = None
+                    continue
+                read_ms = (time.perf_counter() - t0) * 1e3
+                if self.state != "live":
+                    log.info("source %s is live", self.uri)
+                self.state = "live"
+                backoff = self._backoff0
+                self._times.append(time.monotonic())
+                self._put(Frame(img, time.time_ns(), self._frames, read_ms, truth))
+                self._frames += 1
+        finally:
+            if cap is not None:
+                cap.release()
