@@ -1,0 +1,80 @@
+"""Average precision for multi-label classification, as scikit-learn defines it (torch-free).
+
+AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first: step-wise, no
+interpolation, tied scores form one threshold. Same numbers as
+``sklearn.metrics.average_precision_score`` without depending on scikit-learn at run time.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["average_precision", "mean_average_precision"]
+
+# columns per block: bounds the (F, block) float64 temporaries to a few tens of MB on long evaluations
+_BLOCK_ELEMENTS = 4_000_000
+
+
+def _check(Y: np.ndarray, S: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    Y = np.asarray(Y)
+    S = np.asarray(S, dtype=np.float64)
+    if Y.shape != S.shape:
+        raise ValueError(f"labels have shape {Y.shape} but scores have shape {S.shape}; they must match")
+    if Y.dtype != bool and Y.size and not np.isin(Y, (0, 1)).all():
+        raise ValueError("labels must hold only 0/1 (or bool)")
+    if not np.isfinite(S).all():
+        raise ValueError("scores must be finite (found nan or inf); check the model outputs")
+    return Y.astype(bool, copy=False), S
+
+
+def _ap_columns(Y: np.ndarray, S: np.ndarray) -> np.ndarray:
+    """AP of every column of Y (F, K) bool against S (F, K); nan for a column without positives.
+
+    Each positive adds 1/P recall at the precision of the last row of its tie group, which is exactly
+    sklearn's sum over distinct thresholds.
+    """
+    F, K = Y.shape
+    out = np.full(K, np.nan)
+    if F == 0:
+        return out
+    n_pos = Y.sum(axis=0)
+    rank = np.arange(1, F + 1, dtype=np.float64)[:, None]  # predicted positives at each cut
+    step = max(1, _BLOCK_ELEMENTS // F)
+    for lo in range(0, K, step):
+        cols = slice(lo, min(K, lo + step))
+        order = np.argsort(-S[:, cols], axis=0, kind="stable")
+        s = np.take_along_axis(S[:, cols], order, axis=0)
+        y = np.take_along_axis(Y[:, cols], order, axis=0)
+        precision = np.cumsum(y, axis=0) / rank  # (F, k)
+        is_end = np.ones_like(y)
+        is_end[:-1] = s[1:] != s[:-1]
+        ends = np.where(is_end, np.arange(F)[:, None], F)
+        group_end = np.minimum.accumulate(ends[::-1], axis=0)[::-1]  # each row's tie-group last row
+        summed = np.where(y, np.take_along_axis(precision, group_end, axis=0), 0.0).sum(axis=0)
+        pos = n_pos[cols]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[cols] = np.where(pos > 0, summed / pos, np.nan)
+    return out
+
+
+def average_precision(y_true: np.ndarray, scores: np.ndarray) -> float:
+    """AP of one class: y_true (F,) 0/1, scores (F,). nan when there is no positive."""
+    y, s = _check(y_true, scores)
+    if y.ndim != 1:
+        raise ValueError(
+            f"average_precision takes 1-D arrays, got shape {y.shape}; use mean_average_precision"
+        )
+    return float(_ap_columns(y[:, None], s[:, None])[0])
+
+
+def mean_average_precision(Y: np.ndarray, S: np.ndarray) -> tuple[float, np.ndarray]:
+    """Macro mAP over the classes with at least one positive, and the per-class AP (nan: no positive).
+
+    Y (F, K) 0/1, S (F, K) scores. The mean is nan when no class has a positive.
+    """
+    Yb, Sf = _check(Y, S)
+    if Yb.ndim != 2:
+        raise ValueError(f"mean_average_precision takes 2-D (frames, classes) arrays, got shape {Yb.shape}")
+    ap = _ap_columns(Yb, Sf)
+    valid = ~np.isnan(ap)
+    return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
