@@ -1,0 +1,71 @@
+"""Real bundles for the engine and eval tests, exported once per session from the tiny random run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+
+def _root_conftest():
+    """tests/conftest.py as a module (tests/ is not a package), for make_tiny_run with another seed."""
+    spec = importlib.util.spec_from_file_location(
+        "_polymorphd_root_conftest", Path(__file__).parents[1] / "conftest.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_run, tmp_path_factory) -> Path:
+    """A full bundle of the tiny run (fp32, unsigned)."""
+    export = pytest.importorskip("polymorphd.export.bundle")
+    return export.export_bundle(tiny_run, tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def swap_run(tiny_run, tmp_path_factory) -> Path:
+    """The tiny run's base with other contexts and adapters (for adapter bundle swaps)."""
+    import torch
+
+    from polymorphd.models.lora import ContextAdapter
+    from polymorphd.models.run import load_run, save_torch, write_json
+
+    path = tmp_path_factory.mktemp("runs") / "swap"
+    shutil.copytree(tiny_run, path)
+    run = load_run(path)
+    contexts = [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    torch.manual_seed(7)
+    adapters = []
+    for _ in contexts:
+        a = ContextAdapter(run.vit_config, run.lora, run.vit.head)
+        with torch.no_grad():
+            for p in a.lora_B.values():
+                p.normal_(std=0.1)
+        adapters.append(a)
+    save_torch(path / "adapters.pt", [a.state_dict() for a in adapters])
+    write_json(path / "contexts.json", {"contexts": contexts, "coverage": {"1": 0.7, "2": 1.0, "3": 1.0}})
+    cal = json.loads((path / "calibration.json").read_text())
+    cal["class_thresholds"] = [0.45] * 10
+    write_json(path / "calibration.json", cal)
+    return path
+
+
+@pytest.fixture(scope="session")
+def swap_bundle(swap_run, tmp_path_factory) -> Path:
+    export = pytest.importorskip("polymorphd.export.bundle")
+    return export.export_bundle(
+        swap_run, tmp_path_factory.mktemp("bundles") / "swap", adapters_only=True, version=2
+    )
+
+
+@pytest.fixture(scope="session")
+def foreign_adapter_bundle(tmp_path_factory) -> Path:
+    """An adapter bundle made for another base (another random tiny run)."""
+    export = pytest.importorskip("polymorphd.export.bundle")
+    run = _root_conftest().make_tiny_run(tmp_path_factory.mktemp("runs") / "other", seed=1)
+    return export.export_bundle(run, tmp_path_factory.mktemp("bundles") / "other", adapters_only=True)
