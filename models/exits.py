@@ -37,6 +37,11 @@ class ExitConfig:
             raise ValueError(f"exit kind {self.kind!r} invalid: choose 'slvit' or 'mlp'")
         if self.after_block < 1:
             raise ValueError(f"after_block must be >= 1, got {self.after_block}")
+        for name in ("width", "num_heads", "pool_grid", "mlp_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"exit {name} must be >= 1, got {getattr(self, name)}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"exit mlp_ratio must be > 0, got {self.mlp_ratio}")
         if self.width % self.num_heads:
             raise ValueError(f"exit width {self.width} is not divisible by num_heads {self.num_heads}")
 
@@ -47,6 +52,8 @@ class ExitConfig:
             )
         if self.pool_grid > vit.grid:
             raise ValueError(f"exit pool_grid {self.pool_grid} exceeds the token grid {vit.grid}")
+        if self.kind == "slvit" and vit.grid % self.pool_grid:
+            raise ValueError(f"exit pool_grid {self.pool_grid} must divide the token grid {vit.grid}")
 
     @property
     def num_tokens(self) -> int:
@@ -95,7 +102,5 @@ class MLPExit(nn.Module):
 
 def build_exit(vit: ViTConfig, cfg: ExitConfig, fused_attn: bool = True) -> nn.Module:
     if cfg.kind == "slvit":
-        if vit.grid % cfg.pool_grid:
-            raise ValueError(f"exit pool_grid {cfg.pool_grid} must divide the token grid {vit.grid}")
         return SLViTExit(vit, cfg, fused_attn)
     return MLPExit(vit, cfg)

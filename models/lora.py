@@ -36,8 +36,11 @@ class LoRAConfig:
         if self.last_blocks < 1:
             raise ValueError(f"last_blocks must be >= 1, got {self.last_blocks}")
         bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets:
-            raise ValueError(f"LoRA targets {list(self.targets)} invalid: choose among {list(TARGETS)}")
+        # a repeated target would be folded twice by merge_ but applied once by the forward
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            raise ValueError(
+                f"LoRA targets {list(self.targets)} invalid: choose distinct names among {list(TARGETS)}"
+            )
         object.__setattr__(self, "targets", tuple(self.targets))
 
     @property

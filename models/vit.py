@@ -115,13 +115,17 @@ class ViTConfig:
     ln_eps: float = 1e-6  # timm's value; Hugging Face uses 1e-12 (the converter carries it over)
 
     def __post_init__(self) -> None:
+        # positivity first: the divisibility checks below would divide by zero
+        for name in ("img_size", "patch_size", "in_chans", "num_classes", "embed_dim", "depth", "num_heads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("mlp_ratio", "ln_eps"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.img_size % self.patch_size:
             raise ValueError(f"img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
         if self.embed_dim % self.num_heads:
             raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
-        for name in ("depth", "num_classes", "patch_size", "in_chans"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def grid(self) -> int:
