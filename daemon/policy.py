@@ -1,0 +1,174 @@
+"""Per-frame context selection and label merging (Polymorph, arXiv 2507.14959). Torch-free, no I/O.
+
+After the last early exit, the likely labels of a frame are the labels published in the last few frames
+(temporal continuity) plus the classes the exit scores above a high-recall threshold. The contexts that
+cover them (greedy set cover, at most `max_adapters`) are the adapters run in the LoRA tail. Every
+`refresh_every` frames, or when the exit's view disagrees with the last labels (scene change), the likely
+set widens to catch objects the exit barely sees.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+
+from polymorphd.models.contexts import ContextIndex
+
+__all__ = ["ContextPolicy", "PolicyConfig", "PolicyState", "Reason"]
+
+Reason = Literal["cover", "refresh", "surprise", "empty"]
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """Runtime knobs of the context policy (manifest `policy` defaults, changeable with `set`)."""
+
+    max_adapters: int = 2  # adapters per frame: the LoRA tail's batch, so it bounds latency
+    recall_threshold: float = 0.2  # low on purpose: a missed context costs accuracy, an extra one only time
+    keep_frames: int = 2  # a label published in the last N frames stays likely (temporal continuity)
+    refresh_every: int = 30  # every N frames widen to classes above recall_threshold / 2; 0 = never
+    surprise_jaccard: float = 0.3  # Jaccard(exit's likely set, last labels) below this -> widen
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_adapters, int) or self.max_adapters < 1:
+            raise ValueError(f"max_adapters must be an integer >= 1, got {self.max_adapters!r}")
+        if not 0.0 < self.recall_threshold < 1.0:
+            raise ValueError(f"recall_threshold must be in (0, 1), got {self.recall_threshold!r}")
+        if not isinstance(self.keep_frames, int) or self.keep_frames < 0:
+            raise ValueError(f"keep_frames must be an integer >= 0, got {self.keep_frames!r}")
+        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
+            raise ValueError(f"refresh_every must be an integer >= 0 (0 = never), got {self.refresh_every!r}")
+        if not 0.0 <= self.surprise_jaccard <= 1.0:
+            raise ValueError(f"surprise_jaccard must be in [0, 1] (0 = never), got {self.surprise_jaccard!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> PolicyConfig:
+        """Build from a mapping; unknown keys raise ValueError naming them and the valid ones."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown policy settings {unknown}; valid ones are {sorted(names)}")
+        return cls(**d)
+
+
+@dataclass
+class PolicyState:
+    """Per-stream memory of the policy: one per camera, reset on a scene cut or source restart.
+
+    Label sets are Python sets of class indices: frames hold a handful of labels, and set operations on
+    them are cheaper than numpy calls on (K,) masks.
+    """
+
+    frame: int = 0  # select() calls so far
+    last_reason: Reason | None = None
+    last_likely: frozenset[int] = frozenset()  # what the last cover was asked to cover
+    prev_labels: frozenset[int] = frozenset()  # last observed labels
+    recent: frozenset[int] = frozenset()  # union of the labels kept for continuity
+    history: deque[frozenset[int]] = field(default_factory=deque)
+
+    def reset(self) -> None:
+        """Forget everything: the next frame is treated like the first one."""
+        self.frame = 0
+        self.last_reason = None
+        self.last_likely = frozenset()
+        self.prev_labels = frozenset()
+        self.recent = frozenset()
+        self.history.clear()
+
+
+class ContextPolicy:
+    """Chooses the adapters for a frame and merges their scores. One per bundle, shared by streams."""
+
+    def __init__(self, contexts: Sequence[Sequence[int]], num_classes: int, cfg: PolicyConfig) -> None:
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.index = ContextIndex.from_contexts(contexts, num_classes)
+        orphans = np.flatnonzero(~self.index.member.any(axis=0))
+        if orphans.size:
+            raise ValueError(
+                f"classes {orphans[:10].tolist()} are in no context; every class needs one (recluster)"
+            )
+        self.num_classes = num_classes
+        self.cfg = cfg
+        # (n_contexts, K) float32 membership, for the vectorised merge
+        self._member_f = self.index.member.astype(np.float32)
+
+    def new_state(self) -> PolicyState:
+        return PolicyState()
+
+    def _probs(self, exit_probs: np.ndarray) -> np.ndarray:
+        p = np.asarray(exit_probs)
+        if p.shape != (self.num_classes,):
+            raise ValueError(f"exit_probs has shape {p.shape}; expected ({self.num_classes},)")
+        return p
+
+    def select(self, state: PolicyState, exit_probs: np.ndarray) -> list[int]:
+        """Context indices to run for this frame (at most cfg.max_adapters), most useful first.
+
+        Widens on the refresh_every-th, 2*refresh_every-th, ... call since the state was made or reset,
+        and on a surprise (the first frame with anything likely counts as one: nothing was seen before).
+        """
+        cfg = self.cfg
+        p = self._probs(exit_probs)
+        state.frame += 1
+        exit_likely = set(np.flatnonzero(p > cfg.recall_threshold).tolist())
+        prev = state.prev_labels
+        # scene change: the exit's likely set and the last labels disagree (two empty sets agree)
+        union = len(exit_likely | prev)
+        surprise = union > 0 and len(exit_likely & prev) < cfg.surprise_jaccard * union
+        refresh = cfg.refresh_every > 0 and state.frame % cfg.refresh_every == 0
+        if surprise or refresh:
+            exit_likely = set(np.flatnonzero(p > 0.5 * cfg.recall_threshold).tolist())
+        likely = exit_likely | state.recent
+        state.last_likely = frozenset(likely)
+        if not likely:
+            state.last_reason = "empty"
+            return []
+        state.last_reason = "surprise" if surprise else "refresh" if refresh else "cover"
+        # labels published recently outrank exit guesses; among guesses, the more probable first
+        order = sorted(likely)
+        recent = state.recent
+        weights = {
+            c: v + (1.0 if c in recent else 0.0) for c, v in zip(order, p[order].tolist(), strict=True)
+        }
+        return self.index.cover(likely, max_sets=cfg.max_adapters, weights=weights)
+
+    def merge(self, exit_probs: np.ndarray, adapter_probs: np.ndarray, chosen: Sequence[int]) -> np.ndarray:
+        """(K,) scores: each class covered by the chosen contexts gets the mean of their adapters' scores,
+        every other class keeps the exit's score (no class is ever blind).
+
+        adapter_probs (M, K): row i is the adapter of context chosen[i], scored over all K classes (entries
+        outside its context are ignored).
+        """
+        p = self._probs(exit_probs)
+        a = np.asarray(adapter_probs)
+        if a.ndim != 2 or a.shape != (len(chosen), self.num_classes):
+            raise ValueError(
+                f"adapter_probs has shape {a.shape}; expected ({len(chosen)}, {self.num_classes}): "
+                "one row per chosen context"
+            )
+        if len(chosen) == 0:
+            return p.astype(np.float32, copy=True)
+        mem = self._member_f[np.asarray(chosen, dtype=np.intp)]  # (M, K)
+        count = mem.sum(axis=0)
+        summed = np.einsum("mk,mk->k", mem, a)
+        return np.where(count > 0, summed / np.maximum(count, 1.0), p).astype(np.float32, copy=False)
+
+    def observe(self, state: PolicyState, labels: np.ndarray) -> None:
+        """Record the labels published for this frame ((K,) bool), kept keep_frames frames for continuity."""
+        lab = np.asarray(labels)
+        if lab.shape != (self.num_classes,):
+            raise ValueError(f"labels has shape {lab.shape}; expected ({self.num_classes},)")
+        current = frozenset(np.flatnonzero(lab).tolist())
+        state.prev_labels = current
+        state.history.append(current)
+        while len(state.history) > self.cfg.keep_frames:  # also follows keep_frames changed at run time
+            state.history.popleft()
+        state.recent = frozenset().union(*state.history)
