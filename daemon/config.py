@@ -23,7 +23,9 @@ from polymorphd.models.errors import ConfigError
 
 Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
 _ENDPOINT = re.compile(r"^(?:(bind|connect):)?((?:tcp|ipc|inproc)://.+)$")
-_SYNTH_KEYS = {"seed", "classes", "contexts", "width", "height", "background"}
+# synthetic: query keys. seed is SynthConfig.seed (fixes the class groups, as `polymorphd data synth --seed`
+# does), so a stream matches the dataset a bundle was trained on; stream_seed varies the videos.
+_SYNTH_KEYS = {"seed", "stream_seed", "classes", "contexts", "width", "height", "background"}
 # Fields that name files, resolved against the config file's directory.
 _PATH_FIELDS = (("bundle",), ("pubkey",), ("curve", "server_secret_file"), ("curve", "clients_dir"))
 
@@ -46,7 +48,7 @@ def parse_synthetic(uri: str) -> dict[str, str]:
     unknown = sorted(set(args) - _SYNTH_KEYS)
     if unknown:
         raise ValueError(f"unknown synthetic: argument(s) {unknown}; known: {sorted(_SYNTH_KEYS)}")
-    for key in ("seed", "classes", "contexts", "width", "height"):
+    for key in ("seed", "stream_seed", "classes", "contexts", "width", "height"):
         if key in args and not args[key].lstrip("-").isdigit():
             raise ValueError(f"synthetic: argument {key}={args[key]!r} must be an integer")
     return args

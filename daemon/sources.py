@@ -98,10 +98,10 @@ class SynthCapture:
         args = parse_synthetic(uri)
         renames = {"classes": "num_classes", "contexts": "num_contexts", "width": "width", "height": "height"}
         kwargs: dict[str, object] = {renames[k]: int(v) for k, v in args.items() if k in renames}
+        kwargs["seed"] = int(args.get("seed", 0))
         if args.get("background"):
             kwargs["background"] = args["background"]
-        seed = int(args.get("seed", 0))
-        stream = SynthStream(SynthConfig(**kwargs), seed=seed)
+        stream = SynthStream(SynthConfig(**kwargs), seed=int(args.get("stream_seed", 0)))
         self.class_names = list(stream.class_names)
         self._it = iter(stream)
 

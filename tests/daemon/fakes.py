@@ -41,7 +41,10 @@ class FakeEngine:
     KNOBS: ClassVar[dict[str, type]] = {"max_adapters": int, "threshold": float, "mode": str}
 
     def __init__(
-        self, bundle_id: str = "fake@1", classes: list[str] | None = None, base_sha256: str = "base0",
+        self,
+        bundle_id: str = "fake@1",
+        classes: list[str] | None = None,
+        base_sha256: str = "base0",
         delay_s: float = 0.0,
     ) -> None:
         self.bundle_id, self.base_sha256 = bundle_id, base_sha256
@@ -85,15 +88,25 @@ class FakeEngine:
     def with_adapter_bundle(self, path: str | Path, pubkey: str | None = None) -> FakeEngine:
         meta = read_bundle(path)
         if meta["base_sha256"] != self.base_sha256:
-            raise BundleError(f"{path}: adapter bundle base {meta['base_sha256']} != running base {self.base_sha256}")
-        return FakeEngine(f"{meta['bundle_id']}@{meta['version']}", self.classes, self.base_sha256, self.delay_s)
+            raise BundleError(
+                f"{path}: adapter bundle base {meta['base_sha256']} != running base {self.base_sha256}"
+            )
+        return FakeEngine(
+            f"{meta['bundle_id']}@{meta['version']}", self.classes, self.base_sha256, self.delay_s
+        )
 
     def close(self) -> None:
         self.closed = True
 
 
 def make_bundle(
-    root: Path, name: str, version: int = 1, *, adapter: bool = False, base: str = "base0", corrupt: bool = False,
+    root: Path,
+    name: str,
+    version: int = 1,
+    *,
+    adapter: bool = False,
+    base: str = "base0",
+    corrupt: bool = False,
 ) -> Path:
     """A directory the fake backend loads: fake.json, or garbage when corrupt."""
     d = root / f"{name}-v{version}"
@@ -126,8 +139,9 @@ class FakeBackend:
         if meta["adapter"]:
             raise BundleError(f"{path}: is an adapter bundle; load it onto a running base")
         time.sleep(self.load_delay_s)
-        engine = FakeEngine(f"{meta['bundle_id']}@{meta['version']}", base_sha256=meta["base_sha256"],
-                            delay_s=self.delay_s)
+        engine = FakeEngine(
+            f"{meta['bundle_id']}@{meta['version']}", base_sha256=meta["base_sha256"], delay_s=self.delay_s
+        )
         self.engines.append(engine)
         return engine
 
@@ -184,8 +198,13 @@ class FlakyOpener:
 
 def config(tmp_path: Path, bundle: Path, **fields: Any) -> DaemonConfig:
     base = {
-        "bundle": str(bundle), "pub": f"ipc://{tmp_path}/pub", "ctl": f"ipc://{tmp_path}/ctl",
-        "heartbeat_s": 0.2, "warmup_runs": 1, "source_fps": 200, "reconnect": {"initial_s": 0.01, "max_s": 0.05},
+        "bundle": str(bundle),
+        "pub": f"ipc://{tmp_path}/pub",
+        "ctl": f"ipc://{tmp_path}/ctl",
+        "heartbeat_s": 0.2,
+        "warmup_runs": 1,
+        "source_fps": 200,
+        "reconnect": {"initial_s": 0.01, "max_s": 0.05},
     }
     return DaemonConfig.model_validate({**base, **fields})
 
@@ -221,10 +240,18 @@ class Sub:
 
 
 @contextmanager
-def running(cfg: DaemonConfig, backend: FakeBackend, opener: FlakyOpener | None = None, **kw: Any) -> Iterator[Daemon]:
+def running(
+    cfg: DaemonConfig, backend: FakeBackend, opener: FlakyOpener | None = None, **kw: Any
+) -> Iterator[Daemon]:
     """A started daemon with its frame loop on a thread; stopped (and checked) on exit."""
-    d = Daemon(cfg, engine_factory=backend.load, adapter_check=backend.is_adapter,
-               opener=opener or FlakyOpener(), meter=kw.pop("meter", Meter()), **kw)
+    d = Daemon(
+        cfg,
+        engine_factory=backend.load,
+        adapter_check=backend.is_adapter,
+        opener=opener or FlakyOpener(),
+        meter=kw.pop("meter", Meter()),
+        **kw,
+    )
     d.start()
     t = threading.Thread(target=d.run, daemon=True)
     t.start()

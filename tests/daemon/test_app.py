@@ -23,8 +23,19 @@ from polymorphd.daemon.power import Meter
 from polymorphd.models.errors import BundleError
 
 LABEL_FIELDS = {
-    "v", "camera", "seq", "frame_ts", "pub_ts", "bundle", "labels", "exit", "adapters", "latency_ms",
-    "energy_mj", "energy_source", "dropped",
+    "v",
+    "camera",
+    "seq",
+    "frame_ts",
+    "pub_ts",
+    "bundle",
+    "labels",
+    "exit",
+    "adapters",
+    "latency_ms",
+    "energy_mj",
+    "energy_source",
+    "dropped",
 }
 
 
@@ -175,7 +186,11 @@ def test_malformed_control_requests_get_ok_false(tmp_path, b1):
 
 def test_bad_frames_are_counted_and_the_loop_survives(tmp_path, b1):
     opener = FlakyOpener(bad={3, 4, 10})
-    with running(config(tmp_path, b1), FakeBackend(), opener, ) as d:
+    with running(
+        config(tmp_path, b1),
+        FakeBackend(),
+        opener,
+    ) as d:
         sub = Sub(d.publisher.address, "labels/")
         msgs = sub.until(lambda t, p: p["seq"] >= 12)
         sub.close()
@@ -215,8 +230,13 @@ def test_sd_notify_ready_watchdog_stopping(tmp_path, b1):
 def test_reload_reads_the_config_file(tmp_path, b1):
     b2 = make_bundle(tmp_path / "bundles", "alpha", 2)
     cfg_file = tmp_path / "polymorphd.yaml"
-    base = {"bundle": str(b1), "pub": f"ipc://{tmp_path}/pub", "ctl": f"ipc://{tmp_path}/ctl",
-            "warmup_runs": 0, "policy": {"max_adapters": 1}}
+    base = {
+        "bundle": str(b1),
+        "pub": f"ipc://{tmp_path}/pub",
+        "ctl": f"ipc://{tmp_path}/ctl",
+        "warmup_runs": 0,
+        "policy": {"max_adapters": 1},
+    }
     cfg_file.write_text(yaml.safe_dump(base))
     cfg = app_mod.load_config(cfg_file)
     backend = FakeBackend()
@@ -284,16 +304,39 @@ def test_validate_config_prints_ok(tmp_path, b1, capsys):
 
 
 def test_daemon_modules_import_without_torch():
-    mods = ["app", "config", "sources", "publish", "control", "power", "systemd", "metrics", "subscribe", "proxy"]
-    code = "import sys; sys.modules['torch'] = None\n" + "".join(f"import polymorphd.daemon.{m}\n" for m in mods)
+    mods = [
+        "app",
+        "config",
+        "sources",
+        "publish",
+        "control",
+        "power",
+        "systemd",
+        "metrics",
+        "subscribe",
+        "proxy",
+    ]
+    code = "import sys; sys.modules['torch'] = None\n" + "".join(
+        f"import polymorphd.daemon.{m}\n" for m in mods
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def _serve_args(tmp_path, bundle, **kw):
     import argparse
 
-    ns = dict(config=None, bundle=str(bundle), source="synthetic:", pub=f"ipc://{tmp_path}/pub",
-              ctl=f"ipc://{tmp_path}/ctl", camera=None, mode=None, fps=100.0, validate_config=False, verbose=1)
+    ns = dict(
+        config=None,
+        bundle=str(bundle),
+        source="synthetic:",
+        pub=f"ipc://{tmp_path}/pub",
+        ctl=f"ipc://{tmp_path}/ctl",
+        camera=None,
+        mode=None,
+        fps=100.0,
+        validate_config=False,
+        verbose=1,
+    )
     ns.update(kw)
     return argparse.Namespace(**ns)
 

@@ -1,0 +1,147 @@
+"""Capture thread: latest-frame buffer, drop counting, reconnect with backoff, files, synthetic."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from fakes import FlakyOpener
+
+from polymorphd.daemon.sources import FrameSource, open_capture, preflight
+from polymorphd.models.errors import ConfigError
+
+
+def wait_for(pred, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.005)
+
+
+def source(opener, **kw) -> FrameSource:
+    kw.setdefault("reconnect_initial_s", 0.005)
+    kw.setdefault("reconnect_max_s", 0.02)
+    src = FrameSource("fake:", opener=opener, **kw)
+    src.start()
+    return src
+
+
+def test_drop_oldest_keeps_the_newest_frame_and_counts_drops():
+    src = source(FlakyOpener(length=10))
+    wait_for(lambda: src.state == "ended")
+    f = src.get(1.0)
+    assert f is not None and f.index == 9 and f.truth == (9 % 6,)
+    assert f.image.shape == (12, 16, 3) and f.read_ms >= 0 and f.ts_ns > 0
+    assert src.take_dropped() == 9 and src.take_dropped() == 0  # "since the previous message"
+    st = src.stats()
+    assert st["dropped"] == 9 and st["frames"] == 10 and st["state"] == "ended"
+    assert src.get(0.01) is None
+    src.stop()
+    assert src.state == "ended"
+
+
+def test_block_policy_loses_nothing():
+    src = source(FlakyOpener(length=6), drop_policy="block")
+    got = [src.get(2.0) for _ in range(6)]
+    assert [f.index for f in got] == list(range(6))
+    wait_for(lambda: src.state == "ended")
+    assert src.stats()["dropped"] == 0
+    src.stop()
+
+
+def test_source_that_dies_mid_stream_reconnects():
+    opener = FlakyOpener(dead={4, 5, 6})
+    src = source(opener, drop_policy="block")
+    frames = [src.get(2.0) for _ in range(8)]
+    src.stop()
+    assert all(f is not None for f in frames)
+    assert [int(f.image[0, 0, 0]) for f in frames] == [(n * 37) % 256 for n in (0, 1, 2, 3, 7, 8, 9, 10)]
+    st = src.stats()
+    assert st["reconnects"] == 3 and opener.opens == 4 and opener.releases >= 3
+    assert "no frame" in st["last_error"]
+    assert st["state"] == "stopped"
+
+
+def test_open_failures_back_off_then_go_live():
+    opener = FlakyOpener(fail_opens=3)
+    src = source(opener)
+    assert src.get(2.0) is not None
+    wait_for(lambda: src.state == "live")
+    st = src.stats()
+    src.stop()
+    assert opener.opens == 4 and st["reconnects"] == 3 and "scripted failure 3" in st["last_error"]
+
+
+def test_backoff_doubles_up_to_max(monkeypatch):
+    waits = []
+    src = FrameSource(
+        "fake:", opener=FlakyOpener(fail_opens=6), reconnect_initial_s=0.001, reconnect_max_s=0.004
+    )
+    real_wait = src._stop.wait
+    monkeypatch.setattr(src._stop, "wait", lambda t=None: waits.append(t) or real_wait(0))
+    src.start()
+    assert src.get(2.0) is not None
+    src.stop()
+    assert waits[:6] == [0.001, 0.002, 0.004, 0.004, 0.004, 0.004]
+
+
+def _write_video(path: Path, n: int) -> Path:
+    w = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (32, 24))
+    assert w.isOpened()
+    for i in range(n):
+        w.write(np.full((24, 32, 3), i * 20, np.uint8))
+    w.release()
+    return path
+
+
+def test_video_file_ends_without_loop(tmp_path):
+    path = _write_video(tmp_path / "clip.avi", 5)
+    src = FrameSource(str(path), drop_policy="block")
+    src.start()
+    frames = [src.get(2.0) for _ in range(5)]
+    wait_for(lambda: src.state == "ended")
+    src.stop()
+    assert [f.index for f in frames] == list(range(5)) and frames[0].image.shape == (24, 32, 3)
+    assert frames[0].truth is None
+    assert src.stats()["last_error"] == "end of file" and src.stats()["reconnects"] == 0
+
+
+def test_video_file_loops(tmp_path):
+    path = _write_video(tmp_path / "clip.avi", 3)
+    src = FrameSource(str(path), loop=True, drop_policy="block")
+    src.start()
+    frames = [src.get(2.0) for _ in range(7)]
+    src.stop()
+    assert [f.index for f in frames] == list(range(7))
+    means = [round(float(f.image.mean()) / 20) for f in frames]
+    assert means == [0, 1, 2, 0, 1, 2, 0]
+
+
+def test_unopenable_device_reports_reconnecting(tmp_path):
+    src = FrameSource(str(tmp_path / "not-a-video.avi"), reconnect_initial_s=0.01, reconnect_max_s=0.01)
+    src.start()
+    wait_for(lambda: src.stats()["reconnects"] >= 2)
+    st = src.stats()
+    src.stop()
+    assert st["state"] == "reconnecting" and "could not open" in st["last_error"]
+
+
+def test_gst_without_gstreamer_fails_at_start():
+    if "GStreamer:                   YES" in cv2.getBuildInformation():
+        pytest.skip("this OpenCV has GStreamer")
+    with pytest.raises(ConfigError, match="built without GStreamer"):
+        preflight("gst:videotestsrc ! appsink")
+
+
+def test_synthetic_source_carries_truth():
+    synth = pytest.importorskip("polymorphd.models.synth")
+    cap = open_capture("synthetic:?seed=1&classes=8&contexts=2&width=64&height=48")
+    ok, img, truth = cap.read()
+    cap.release()
+    assert ok and img.shape == (48, 64, 3) and img.dtype == np.uint8
+    assert all(0 <= t < 8 for t in truth)
+    cfg = synth.SynthConfig(num_classes=8, num_contexts=2, width=64, height=48, seed=1)
+    assert cap.class_names == synth.class_names(cfg)
