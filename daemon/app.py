@@ -174,16 +174,22 @@ class Daemon:
         self.state = "stopping"
         self.notifier.stopping()
         self._stop.set()
-        self._loop_done.wait(left())
+        if not self._loop_done.wait(left()):
+            # The loop thread still owns the PUB socket: leave sockets to process exit rather than race it.
+            log.warning(
+                "frame loop still busy after %.1f s; exiting without the final status",
+                self.cfg.stop_timeout_s,
+            )
+        loop_done = self._loop_done.is_set()
         while not self._actions.empty():
             _, fut = self._actions.get_nowait()
             fut.set_exception(PolymorphError("daemon is stopping"))
-        clean = True
+        clean = loop_done
         if self.control is not None:
-            clean = self.control.stop(left())
+            clean = self.control.stop(left()) and clean
         if self.source is not None:
             self.source.stop(left())
-        if self.publisher is not None:
+        if self.publisher is not None and loop_done:
             self.state = "stopped"
             self._publish_status()
             self.publisher.close(linger_ms=200)  # a bounded chance for the final status to leave
@@ -232,9 +238,9 @@ class Daemon:
         t_start = time.time_ns()
         engine = self.engine
         try:
-            self.meter.sample()
+            self._meter_call(self.meter.sample)
             r = engine.infer(frame.image, self._policy_state)
-            energy = self.meter.energy_mj(r.infer_t0_ns, r.infer_t1_ns)
+            energy = self._meter_call(self.meter.energy_mj, r.infer_t0_ns, r.infer_t1_ns)
             dropped = self.source.take_dropped() + self._failed_unreported
             latency = {
                 "capture": frame.read_ms + (t_start - frame.ts_ns) / 1e6,
@@ -289,6 +295,15 @@ class Daemon:
         self.metrics.frame(r.exit, r.adapters, latency, energy, dropped)
         if self.frames % 16 == 0:
             self.metrics.fps(self.fps())
+
+    def _meter_call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """A failing meter (a sysfs file gone, jtop died) costs the energy figure, never the labels."""
+        try:
+            return fn(*args)
+        except Exception as exc:
+            log.warning("energy meter %s failed (%s); energy_mj is null from now on", self.meter.source, exc)
+            self.meter = Meter()
+            return None
 
     def fps(self) -> float:
         t = self._pub_times
@@ -425,9 +440,10 @@ class Daemon:
 
     def stats(self) -> dict[str, Any]:
         lat: dict[str, dict[str, float]] = {}
-        if self._recent:
-            for stage in self._recent[-1]:
-                v = np.array([d[stage] for d in self._recent if stage in d])
+        recent, energy = list(self._recent), list(self._energy)  # copies: the frame loop appends meanwhile
+        if recent:
+            for stage in recent[-1]:
+                v = np.array([d[stage] for d in recent if stage in d])
                 lat[stage] = {
                     "mean": round(float(v.mean()), 3),
                     "p50": round(float(np.percentile(v, 50)), 3),
@@ -437,7 +453,7 @@ class Daemon:
             **self.status(),
             "exits": dict(self._exits),
             "latency_ms": lat,
-            "energy_mj_mean": round(float(np.mean(self._energy)), 4) if self._energy else None,
+            "energy_mj_mean": round(float(np.mean(energy)), 4) if energy else None,
             "published": self.publisher.sent if self.publisher else 0,
             "publish_dropped": self.publisher.dropped if self.publisher else 0,
             "knobs": self.engine.knobs() if self.engine is not None else {},

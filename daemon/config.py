@@ -248,12 +248,15 @@ def load_config(
     """File fields, then non-None overrides (CLI flags); raises ConfigError naming the field."""
     where = str(path) if path is not None else "<command line>"
     data = read_config_file(path) if path is not None else {}
-    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    flags = {k: v for k, v in (overrides or {}).items() if v is not None}
+    data.update(flags)
     try:
         cfg = DaemonConfig.model_validate(data)
     except ValidationError as exc:
         first = exc.errors()[0]
         loc = ".".join(str(p) for p in first["loc"]) or "<top level>"
+        if first["loc"] and first["loc"][0] in flags:
+            where = "<command line>"  # the flag, not the file, holds the bad value
         msg = first["msg"].removeprefix("Value error, ")
         if first["type"] == "extra_forbidden":
             msg = f"unknown field; known fields: {', '.join(sorted(DaemonConfig.model_fields))}"
@@ -263,7 +266,8 @@ def load_config(
         raise ConfigError(f"config {where}: bundle: required; set bundle in the file or pass --bundle")
     problems = _check_files(cfg)
     if problems:
-        raise ConfigError(f"config {where}: {problems[0][0]}: {problems[0][1]}")
+        field, problem = problems[0]
+        raise ConfigError(f"config {'<command line>' if field in flags else where}: {field}: {problem}")
     return cfg
 
 

@@ -185,18 +185,15 @@ def test_malformed_control_requests_get_ok_false(tmp_path, b1):
 
 
 def test_bad_frames_are_counted_and_the_loop_survives(tmp_path, b1):
-    opener = FlakyOpener(bad={3, 4, 10})
-    with running(
-        config(tmp_path, b1),
-        FakeBackend(),
-        opener,
-    ) as d:
+    opener = FlakyOpener(bad={3, 4, 10})  # reads 3, 4 and 10 give frames the engine rejects
+    with running(config(tmp_path, b1, drop_policy="block"), FakeBackend(), opener) as d:
         sub = Sub(d.publisher.address, "labels/")
         msgs = sub.until(lambda t, p: p["seq"] >= 12)
         sub.close()
         assert d.frame_errors == 3
-    dropped = sum(p["dropped"] for _, p in msgs)
-    assert dropped >= 3  # failed frames are reported as dropped in the next message
+        assert d.status()["dropped"] == 3  # failed frames count as dropped in the next message
+    by_seq = {p["seq"]: p["dropped"] for _, p in msgs}
+    assert by_seq.get(8, 1) == 1 and by_seq[12] == 0  # read 11 -> seq 8 follows the failed read 10
 
 
 def test_source_that_dies_comes_back(tmp_path, b1):
@@ -350,3 +347,36 @@ def _fake_source_class(opener):
             return FrameSource(cfg.source, fps=cfg.source_fps, opener=opener)
 
     return Src
+
+
+class _CountingMeter(Meter):
+    """1 W, as a fake hwmon meter; fails after `fail_after` samples when set."""
+
+    source = "hwmon"
+
+    def __init__(self, fail_after: int | None = None) -> None:
+        super().__init__()
+        self.samples, self.fail_after = 0, fail_after
+
+    def sample(self) -> None:
+        self.samples += 1
+        if self.fail_after is not None and self.samples > self.fail_after:
+            raise OSError("in1_input: No such device")
+        t = self._clock()
+        self._cum.append(0.0 if not self._t else self._cum[-1] + (t - self._t[-1]) / 1e6)  # 1 W = 1 mJ/ms
+        self._t.append(t)
+
+
+def test_energy_per_frame_and_a_failing_meter_costs_only_the_energy(tmp_path, b1):
+    with running(config(tmp_path, b1), FakeBackend(delay_s=0.002), meter=_CountingMeter()) as d:
+        sub = Sub(d.publisher.address, "labels/")
+        _, p = sub.recv()
+        sub.close()
+        assert p["energy_source"] == "hwmon" and p["energy_mj"] > 0
+        wait_for(lambda: d.stats()["energy_mj_mean"] is not None)  # bookkeeping follows the publish
+        assert d.stats()["energy_mj_mean"] > 0
+    with running(config(tmp_path, b1), FakeBackend(), meter=_CountingMeter(fail_after=3)) as d:
+        sub = Sub(d.publisher.address, "labels/")
+        msgs = sub.until(lambda t, p: p["energy_source"] == "none" and p["seq"] >= 5)
+        sub.close()
+        assert d.frame_errors == 0 and msgs[-1][1]["energy_mj"] is None

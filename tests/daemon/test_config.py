@@ -149,3 +149,11 @@ def test_source_kinds_and_synthetic_args():
     ] == ["v4l2", "v4l2", "stream", "stream", "gst", "synthetic", "file"]
     assert parse_synthetic("synthetic:") == {}
     assert parse_synthetic("synthetic:?seed=3&classes=32") == {"seed": "3", "classes": "32"}
+
+
+def test_errors_from_flags_say_command_line(tmp_path, bundle):
+    p = write(tmp_path, {"bundle": str(bundle)})
+    with pytest.raises(ConfigError, match=r"^config <command line>: source_fps: "):
+        load_config(p, {"source_fps": -1.0})
+    with pytest.raises(ConfigError, match=r"^config <command line>: bundle: .*nope does not exist"):
+        load_config(p, {"bundle": str(tmp_path / "nope")})
