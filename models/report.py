@@ -1,0 +1,154 @@
+"""RUN/report.json and RUN/report.md: what a training run achieved, in numbers and tables.
+
+Built only from the stage records in stages.json plus the configs, so a resumed
+run reports the same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from polymorphd.models.cost import block_flops, count_params, embed_flops, full_flops, gflops, lora_flops
+from polymorphd.models.lora import ContextAdapter
+from polymorphd.models.presets import Preset
+from polymorphd.models.run import write_json
+from polymorphd.models.vit import VisionTransformer, ViTConfig
+
+
+def map_definition(split: str) -> str:
+    return (
+        "mAP is the macro-averaged average precision (sklearn's step-wise AP, no interpolation) over the "
+        f"classes with at least one positive frame in the evaluated split ({split!r}); adapter rows average "
+        "only over that context's classes."
+    )
+
+
+def cost_summary(vit_cfg: ViTConfig, preset: Preset) -> dict[str, float]:
+    """GFLOPs per frame of a trunk block, a tail block with one adapter's LoRA deltas, and the whole generalist."""
+    lora = preset.lora_config()
+    return {
+        "embed": gflops(embed_flops(vit_cfg)),
+        "trunk_block": gflops(block_flops(vit_cfg)),
+        "tail_block": gflops(block_flops(vit_cfg) + lora_flops(vit_cfg, lora) / lora.last_blocks),
+        "full": gflops(full_flops(vit_cfg)),
+    }
+
+
+def param_summary(vit: VisionTransformer, preset: Preset) -> dict[str, int]:
+    a = ContextAdapter(vit.cfg, preset.lora_config())
+    return {
+        "backbone": count_params(vit),
+        "adapter_lora": sum(p.numel() for p in a.lora_A.values()) + sum(p.numel() for p in a.lora_B.values()),
+        "adapter_head": count_params(a.head),
+    }
+
+
+def build_report(
+    *,
+    meta: dict[str, Any],
+    records: dict[str, dict[str, Any]],
+    vit: VisionTransformer,
+    preset: Preset,
+) -> dict[str, Any]:
+    """Assemble report.json from stage records (``{stage: {"seconds": s, "result": {...}}}``)."""
+    res = {k: v.get("result", {}) for k, v in records.items()}
+    timings = {k: round(float(v["seconds"]), 2) for k, v in records.items()}
+    timings["total"] = round(sum(timings.values()), 2)
+    calib = res.get("calibration", {})
+    return {
+        "preset": preset.name,
+        **meta,
+        "map_definition": map_definition(meta["splits"]["report"]["name"]),
+        "generalist": res.get("generalist", {}),
+        "exits": res.get("exits", {}).get("variants", []),
+        "copycat": {
+            "label_weight": preset.copycat_label_weight,
+            "distill_weight": preset.copycat_distill_weight,
+            "loss": "label_weight * BCE(logits, labels) + distill_weight * BCE(logits, sigmoid(final logits))",
+        },
+        "contexts": res.get("contexts", {}).get("contexts", []),
+        "coverage": res.get("contexts", {}).get("coverage", {}),
+        "coverage_report_split": res.get("contexts", {}).get("coverage_report", {}),
+        "adapters": res.get("adapters", {}).get("adapters", []),
+        "calibration": {"exits": calib.get("exits", []), "tolerance": calib.get("tolerance")},
+        "gflops": cost_summary(vit.cfg, preset),
+        "params": param_summary(vit, preset),
+        "timings": timings,
+    }
+
+
+def _f(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_f(c) for c in r) + " |" for r in rows]
+    return [*out, ""]
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    s = r["splits"]
+    lines = [
+        f"# Training report: preset `{r['preset']}`",
+        "",
+        f"Dataset `{r['dataset']}`, {r['num_classes']} classes. Train: {s['train']['frames']} frames "
+        f"({s['train']['videos']} videos); calibration: `{s['calibration']['name']}` {s['calibration']['frames']} "
+        f"frames; report: `{s['report']['name']}` {s['report']['frames']} frames.",
+        "",
+        r["map_definition"],
+        "",
+        "## Generalist",
+        "",
+        *_table(
+            ["mAP (report)", "mAP (calibration)", "epochs", "final loss"],
+            [[r["generalist"].get(k) for k in ("map", "map_calibration", "epochs", "final_loss")]],
+        ),
+        "## Exits (backbone frozen)",
+        "",
+        f"Copycat: {r['copycat']['loss']} with label_weight {r['copycat']['label_weight']}, "
+        f"distill_weight {r['copycat']['distill_weight']}. Deployed: SL-ViT with copycat.",
+        "",
+        *_table(
+            ["after block", "kind", "copycat", "mAP", "GFLOPs", "params"],
+            [[e["after_block"], e["kind"], e["copycat"], e["map"], e["gflops"], e["params"]] for e in r["exits"]],
+        ),
+        "## Calibration",
+        "",
+        *_table(
+            ["exit after block", "lo", "hi", "exit rate", "exit accuracy", "final accuracy"],
+            [
+                [e["after_block"], e["lo"], e["hi"], e.get("exit_rate"), e.get("exit_accuracy"), e.get("final_accuracy")]
+                for e in r["calibration"]["exits"]
+            ],
+        ),
+        "## Contexts and adapters",
+        "",
+        "Coverage (share of train frames whose labels <= k contexts cover): "
+        + ", ".join(f"k={k}: {_f(v, 3)}" for k, v in r["coverage"].items()),
+        "",
+        *_table(
+            ["context", "classes", "mAP generalist", "mAP adapter"],
+            [[a["context"], " ".join(map(str, a["classes"])), a["map_generalist"], a["map_adapter"]] for a in r["adapters"]],
+        ),
+        "## Cost (GFLOPs per frame) and parameters",
+        "",
+        *_table(list(r["gflops"]), [list(r["gflops"].values())]),
+        *_table(list(r["params"]), [list(r["params"].values())]),
+        "## Wall time (seconds)",
+        "",
+        *_table(list(r["timings"]), [list(r["timings"].values())]),
+    ]  # fmt: skip
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, report: dict[str, Any]) -> None:
+    write_json(run_dir / "report.json", report)
+    tmp = run_dir / "report.md.tmp"
+    tmp.write_text(render_markdown(report) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "report.md")

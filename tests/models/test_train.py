@@ -1,0 +1,202 @@
+"""``polymorphd train`` end to end on a tiny synthetic dataset: run format, report, resume, frozen base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from polymorphd.daemon.cli import main as cli_main  # noqa: E402
+from polymorphd.models import stages  # noqa: E402
+from polymorphd.models.augment import augment_batch, to_input  # noqa: E402
+from polymorphd.models.errors import ConfigError  # noqa: E402
+from polymorphd.models.preprocess import InputSpec, preprocess_batch  # noqa: E402
+from polymorphd.models.presets import PRESETS, Augment, get_preset  # noqa: E402
+from polymorphd.models.run import load_run  # noqa: E402
+from polymorphd.models.synth import SynthConfig, write_dataset  # noqa: E402
+from polymorphd.models.train import STAGES, train  # noqa: E402
+
+TINY_DATA = SynthConfig(
+    num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=12, hubs=1, hub_contexts=2,
+    scene_length=(6, 12),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset(
+        tmp_path_factory.mktemp("data") / "synth", TINY_DATA, videos=(4, 2, 2), progress=False
+    )
+
+
+@pytest.fixture(scope="module")
+def run(dataset: Path, tmp_path_factory) -> tuple[Path, object]:
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    return out, train(dataset, out, get_preset("tiny"), seed=3, progress=False)
+
+
+def _numeric(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and np.isfinite(x)
+
+
+def test_run_directory_loads_and_matches_the_preset(run) -> None:
+    out, res = run
+    assert res.ran == list(STAGES) and res.skipped == []
+    r = load_run(out)
+    preset = get_preset("tiny")
+    assert r.vit_config.depth == preset.depth and r.vit_config.num_classes == TINY_DATA.num_classes
+    assert [e.after_block for e in r.exit_configs] == list(preset.exit_after)
+    assert all(e.kind == "slvit" for e in r.exit_configs)
+    assert len(r.adapters) == len(r.contexts) >= 1
+    assert r.config["class_ids"] == [1000 + 7 * i for i in range(8)]  # the dataset's sparse ids, in order
+    assert r.config["input"] == InputSpec(size=32).to_dict()
+    cal = r.calibration
+    assert len(cal["class_thresholds"]) == 8 and len(cal["exits"]) == 2
+    assert all(0.0 <= e["lo"] <= e["hi"] <= 1.0 for e in cal["exits"])
+    assert cal["policy"]["max_adapters"] >= 1
+    # every class reachable through some context
+    assert set().union(*map(set, r.contexts)) == set(range(8))
+
+
+def test_report_fields_are_present_and_numeric(run) -> None:
+    out, res = run
+    rep = json.loads((out / "report.json").read_text())
+    assert rep == json.loads(json.dumps(res.report))
+    assert _numeric(rep["generalist"]["map"]) and 0.0 <= rep["generalist"]["map"] <= 1.0
+    assert len(rep["exits"]) == 2 * 4  # two positions x {slvit, mlp} x {copycat, not}
+    combos = {(e["after_block"], e["kind"], e["copycat"]) for e in rep["exits"]}
+    assert combos == {(b, k, c) for b in (1, 2) for k in ("slvit", "mlp") for c in (True, False)}
+    for e in rep["exits"]:
+        assert _numeric(e["map"]) and _numeric(e["gflops"]) and _numeric(e["params"])
+        assert e["gflops"] < rep["gflops"]["trunk_block"]  # an exit costs less than one block
+    assert rep["contexts"] and all(isinstance(c, list) for c in rep["contexts"])
+    assert set(rep["coverage"]) == {"1", "2", "3"} and all(_numeric(v) for v in rep["coverage"].values())
+    assert len(rep["adapters"]) == len(rep["contexts"])
+    for a in rep["adapters"]:
+        assert {"context", "map_generalist", "map_adapter"} <= set(a)
+        assert a["map_adapter"] is None or _numeric(a["map_adapter"])
+    assert any(_numeric(a["map_adapter"]) for a in rep["adapters"])
+    assert all(_numeric(rep["gflops"][k]) for k in ("trunk_block", "tail_block", "full"))
+    assert rep["gflops"]["tail_block"] > rep["gflops"]["trunk_block"]  # LoRA deltas cost a little
+    assert "'test'" in rep["map_definition"] and "macro" in rep["map_definition"]
+    assert set(STAGES) <= set(rep["timings"]) and all(_numeric(v) for v in rep["timings"].values())
+    md = (out / "report.md").read_text()
+    assert "| after block | kind | copycat | mAP |" in md and "## Wall time" in md
+
+
+def test_resume_skips_finished_stages(run, dataset: Path) -> None:
+    out, _ = run
+    before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
+    res = train(dataset, out, get_preset("tiny"), seed=3, progress=False)
+    assert res.ran == [] and res.skipped == list(STAGES)
+    assert {p.name: p.read_bytes() for p in out.glob("*.pt")} == before
+
+
+def test_resume_retrains_only_missing_stages_and_keeps_the_base_bit_identical(run, dataset, tmp_path) -> None:
+    out = tmp_path / "resumed"
+    shutil.copytree(run[0], out)
+    log = json.loads((out / "stages.json").read_text())
+    for name in ("adapters", "calibration"):
+        del log["stages"][name]
+    (out / "stages.json").write_text(json.dumps(log))
+    base = load_run(out).vit.state_dict()
+    res = train(dataset, out, get_preset("tiny"), seed=3, progress=False)
+    assert res.ran == ["adapters", "calibration"]
+    after = load_run(out)
+    assert all(torch.equal(v, after.vit.state_dict()[k]) for k, v in base.items())
+    # per-stage seeding: the re-trained adapters equal the uninterrupted run's
+    first = load_run(run[0])
+    for a, b in zip(first.adapters, after.adapters, strict=True):
+        assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())
+
+
+def test_adapter_training_that_touches_the_base_is_caught(run, dataset, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "tamper"
+    shutil.copytree(run[0], out)
+    log = json.loads((out / "stages.json").read_text())
+    del log["stages"]["adapters"], log["stages"]["calibration"]
+    (out / "stages.json").write_text(json.dumps(log))
+    real = stages.adapter_logits
+
+    def tampering(vit, tokens, adapter):
+        with torch.no_grad():
+            vit.norm.weight.add_(1e-3)
+        return real(vit, tokens, adapter)
+
+    monkeypatch.setattr(stages, "adapter_logits", tampering)
+    with pytest.raises(RuntimeError, match=r"backbone tensor norm\.weight changed"):
+        train(dataset, out, get_preset("tiny"), seed=3, progress=False)
+
+
+def test_resume_with_other_settings_is_refused(run, dataset) -> None:
+    with pytest.raises(ConfigError, match="different seed"):
+        train(dataset, run[0], get_preset("tiny"), seed=4, progress=False)
+
+
+def test_cli_missing_or_invalid_data_gives_a_clear_error(tmp_path, capsys) -> None:
+    missing = tmp_path / "nope"
+    assert cli_main(["train", "--data", str(missing), "--out", str(tmp_path / "r"), "--preset", "tiny"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: dataset directory {missing} does not exist" in err and "polymorphd data synth" in err
+    (tmp_path / "empty").mkdir()
+    assert cli_main(["train", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "train.json is missing" in err and "splits found: none" in err
+    bad = tmp_path / "bad"
+    (bad / "annotations").mkdir(parents=True)
+    (bad / "annotations" / "train.json").write_text("{not json")
+    assert cli_main(["train", "--data", str(bad), "--out", str(tmp_path / "r")]) == 2
+    assert "invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written for a bad dataset
+
+
+def test_cli_rejects_bad_numbers(tmp_path, dataset, capsys) -> None:
+    assert cli_main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1, got 0" in capsys.readouterr().err
+    assert cli_main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--threads", "0"]) == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
+    assert (
+        cli_main(["train", "--data", str(dataset), "--out", str(tmp_path / "r"), "--init-from", "x.pt"]) == 2
+    )
+    assert "--init-from x.pt does not exist" in capsys.readouterr().err
+
+
+def test_presets_meet_their_budgets() -> None:
+    base, small, tiny = PRESETS["base"], PRESETS["small"], PRESETS["tiny"]
+    assert base.depth >= 8 and len(base.exit_after) >= 2 and base.lora_last_blocks <= base.depth // 3
+    assert small.img_size == 64 and len(small.exit_after) == 2
+    assert (tiny.img_size, tiny.patch_size, tiny.depth, tiny.embed_dim, tiny.exit_after) == (
+        32,
+        8,
+        4,
+        48,
+        (1, 2),
+    )
+    assert get_preset("small", epochs=3).generalist.epochs == 3
+    with pytest.raises(ConfigError, match="unknown preset 'huge'"):
+        get_preset("huge")
+
+
+def test_augmentation_is_seeded_and_identity_when_disabled() -> None:
+    frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (5, 16, 16, 3), dtype=np.uint8))
+    cfg = Augment()
+    a = augment_batch(frames, cfg, torch.Generator().manual_seed(1))
+    b = augment_batch(frames, cfg, torch.Generator().manual_seed(1))
+    assert a.dtype == torch.uint8 and a.shape == frames.shape and torch.equal(a, b)
+    assert not torch.equal(a, frames)
+    off = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    assert torch.equal(augment_batch(frames, off, torch.Generator().manual_seed(1)), frames)
+    flip = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    assert torch.equal(augment_batch(frames, flip, torch.Generator()), frames.flip(2))
+
+
+def test_training_input_is_the_runtime_preprocessing() -> None:
+    frames = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    spec = InputSpec(size=32)
+    x = to_input(torch.from_numpy(frames), spec, torch.device("cpu"))
+    assert np.array_equal(x.numpy(), preprocess_batch(frames, spec))
