@@ -25,6 +25,7 @@ from polymorphd.daemon.adapters import AdapterBank, read_adapter_file
 from polymorphd.daemon.graphs import Clock, Trunk
 from polymorphd.daemon.modes import MODES, MergedTails, Mode, Pipeline
 from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
+from polymorphd.export.verify import verify_bundle
 from polymorphd.models.errors import BundleError, ConfigError
 from polymorphd.models.preprocess import InputSpec, preprocess
 
@@ -75,8 +76,6 @@ def _verified(path: str | Path, pubkey: str | Path | None) -> tuple[Path, dict[s
     if not root.is_dir():
         what = "is a file, not a bundle directory" if root.exists() else "does not exist"
         raise BundleError(f"bundle {root} {what}; pass the directory that holds manifest.json")
-    from polymorphd.export.verify import verify_bundle  # TODO(engine): top-level once export/verify.py lands
-
     return root, _manifest_dict(verify_bundle(root, pubkey=pubkey))
 
 

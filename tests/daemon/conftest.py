@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
 
 import pytest
-
-
-def _root_conftest():
-    """tests/conftest.py as a module (tests/ is not a package), for make_tiny_run with another seed."""
-    spec = importlib.util.spec_from_file_location(
-        "_polymorphd_root_conftest", Path(__file__).parents[1] / "conftest.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="session")
@@ -64,8 +53,11 @@ def swap_bundle(swap_run, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def foreign_adapter_bundle(tmp_path_factory) -> Path:
-    """An adapter bundle made for another base (another random tiny run)."""
-    export = pytest.importorskip("polymorphd.export.bundle")
-    run = _root_conftest().make_tiny_run(tmp_path_factory.mktemp("runs") / "other", seed=1)
-    return export.export_bundle(run, tmp_path_factory.mktemp("bundles") / "other", adapters_only=True)
+def foreign_adapter_bundle(swap_bundle, tmp_path_factory) -> Path:
+    """The swap adapter bundle, re-labelled as made for another base (unsigned, so the manifest may change)."""
+    path = tmp_path_factory.mktemp("bundles") / "foreign"
+    shutil.copytree(swap_bundle, path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["base_sha256"] = "0" * 64
+    (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return path

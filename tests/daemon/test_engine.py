@@ -74,11 +74,20 @@ def ref(tiny_run) -> Reference:
     return Reference(tiny_run)
 
 
-@pytest.fixture()
-def engine(tiny_bundle) -> Engine:
+@pytest.fixture(scope="module")
+def loaded(tiny_bundle) -> Engine:
     e = load_engine(tiny_bundle, threads=1)
     yield e
     e.close()
+
+
+@pytest.fixture()
+def engine(loaded) -> Engine:
+    """The module's engine with the bundle's default knobs (loading verifies every graph: do it once)."""
+    defaults = getattr(loaded, "_test_defaults", None) or loaded.knobs()
+    loaded._test_defaults = defaults
+    loaded.set_knobs(**defaults)
+    return loaded
 
 
 def frames(n: int, seed: int = 0) -> list[np.ndarray]:
@@ -129,7 +138,7 @@ def test_context_modes_equal_torch_reference_over_a_stream(engine, ref, mode):
     cfg = PolicyConfig(max_adapters=2, recall_threshold=0.45, keep_frames=1, refresh_every=3)
     engine.set_knobs(mode=mode, exit_thresholds=OFF, max_adapters=2, recall_threshold=0.45, keep_frames=1,
                      refresh_every=3)  # fmt: skip
-    fs = frames(6, seed=11)
+    fs = frames(4, seed=11)
     want = ref.polymorph(fs, cfg)
     state = engine.new_state()
     ran = 0
