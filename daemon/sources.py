@@ -15,7 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -93,15 +93,10 @@ class SynthCapture:
     finite = False
 
     def __init__(self, uri: str) -> None:
-        from polymorphd.models.synth import SynthConfig, SynthStream
+        from polymorphd.models.synth import SynthStream
 
-        args = parse_synthetic(uri)
-        renames = {"classes": "num_classes", "contexts": "num_contexts", "width": "width", "height": "height"}
-        kwargs: dict[str, object] = {renames[k]: int(v) for k, v in args.items() if k in renames}
-        kwargs["seed"] = int(args.get("seed", 0))
-        if args.get("background"):
-            kwargs["background"] = args["background"]
-        stream = SynthStream(SynthConfig(**kwargs), seed=int(args.get("stream_seed", 0)))
+        cfg, stream_seed = _synth_config(uri)
+        stream = SynthStream(cfg, seed=stream_seed)
         self.class_names = list(stream.class_names)
         self._it = iter(stream)
 
@@ -111,6 +106,19 @@ class SynthCapture:
 
     def release(self) -> None:
         self._it = iter(())
+
+
+def _synth_config(uri: str) -> tuple[Any, int]:
+    """(SynthConfig, stream seed) from a synthetic: URI; SynthConfig raises ConfigError for bad values."""
+    from polymorphd.models.synth import SynthConfig
+
+    args = parse_synthetic(uri)
+    renames = {"classes": "num_classes", "contexts": "num_contexts", "width": "width", "height": "height"}
+    kwargs: dict[str, Any] = {renames[k]: int(v) for k, v in args.items() if k in renames}
+    kwargs["seed"] = int(args.get("seed", 0))
+    if args.get("background"):
+        kwargs["background"] = args["background"]
+    return SynthConfig(**kwargs), int(args.get("stream_seed", 0))
 
 
 def open_capture(uri: str, loop: bool = False) -> Capture:
@@ -134,9 +142,11 @@ def preflight(uri: str) -> None:
             )
     if kind == "synthetic":
         try:
-            import polymorphd.models.synth  # noqa: F401
+            _synth_config(uri)
         except ImportError as exc:
             raise ConfigError(f"source {uri!r}: the synthetic generator is unavailable: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"source {uri!r}: {exc}") from exc
 
 
 class FrameSource:
@@ -257,7 +267,11 @@ class FrameSource:
                 if cap is None:
                     try:
                         cap = self._opener(self.uri, self._loop)
-                    except Exception as exc:  # any open failure is retried: cameras come and go
+                    except ConfigError as exc:  # no retry can fix a bad URI or a bad generator setting
+                        self.state, self._last_error = "ended", str(exc)
+                        log.error("source %s cannot be opened, giving up: %s", self.uri, exc)
+                        return
+                    except Exception as exc:  # any other open failure is retried: cameras come and go
                         backoff = self._fail(None, f"cannot open: {exc}", backoff)
                         continue
                 if self._period:

@@ -380,3 +380,24 @@ def test_energy_per_frame_and_a_failing_meter_costs_only_the_energy(tmp_path, b1
         msgs = sub.until(lambda t, p: p["energy_source"] == "none" and p["seq"] >= 5)
         sub.close()
         assert d.frame_errors == 0 and msgs[-1][1]["energy_mj"] is None
+
+
+def test_curve_protects_both_sockets(tmp_path, b1):
+    import zmq.auth
+
+    keys, clients = tmp_path / "keys", tmp_path / "clients"
+    keys.mkdir()
+    clients.mkdir()
+    _, server_secret = zmq.auth.create_certificates(str(keys), "server")
+    client_public, client_secret = zmq.auth.create_certificates(str(keys), "client")
+    os.replace(client_public, clients / "client.key")
+    curve = {"server_secret_file": server_secret, "clients_dir": str(clients)}
+    with running(config(tmp_path, b1, curve=curve), FakeBackend()) as d:
+        server_public = str(keys / "server.key")
+        r = request(
+            d.control.address, {"cmd": "status"}, 5, server_key=server_public, client_key=client_secret
+        )
+        assert r is not None and r["ok"] and r["bundle"] == "alpha@1"
+        # a client key that is not in clients_dir, and a plain client, get no answer
+        assert request(d.control.address, {"cmd": "status"}, 0.3, server_key=server_public) is None
+        assert request(d.control.address, {"cmd": "status"}, 0.3) is None

@@ -145,3 +145,19 @@ def test_synthetic_source_carries_truth():
     assert all(0 <= t < 8 for t in truth)
     cfg = synth.SynthConfig(num_classes=8, num_contexts=2, width=64, height=48, seed=1)
     assert cap.class_names == synth.class_names(cfg)
+
+
+def test_synthetic_settings_are_checked_at_start():
+    pytest.importorskip("polymorphd.models.synth")
+    with pytest.raises(ConfigError, match=r"synthetic:\?classes=0'.*num_classes"):
+        preflight("synthetic:?classes=0")
+
+
+def test_an_open_error_no_retry_can_fix_ends_the_source():
+    def opener(uri, loop):
+        raise ConfigError("bad generator setting")
+
+    src = source(opener)
+    wait_for(lambda: src.state == "ended")
+    src.stop()
+    assert src.stats()["last_error"] == "bad generator setting" and src.stats()["reconnects"] == 0
