@@ -79,6 +79,7 @@ class Daemon:
         self.previous: Any = None
         self._policy_state: Any = None
         self._knob_overrides: dict[str, Any] = {}
+        self._paths: dict[int, str] = {}  # id(engine) -> real path it came from (a `current` symlink moves)
         self._stop, self._loop_done = threading.Event(), threading.Event()
         self._loop_done.set()  # no loop is running yet
         self._signalled = self._reload_requested = False  # set by signal handlers: plain flags, no locks
@@ -343,6 +344,7 @@ class Daemon:
         except BaseException:
             new.close()
             raise
+        self._paths[id(new)] = os.path.realpath(path)
         log.info("loaded %s from %s", new.bundle_id, path)
         return new
 
@@ -350,6 +352,7 @@ class Daemon:
         retired, self.previous, self.engine = self.previous, self.engine, new
         self._policy_state = new.new_state()  # policy history belongs to the old classes/contexts
         if retired is not None and retired is not new:
+            self._paths.pop(id(retired), None)
             retired.close()
         log.info("now serving %s (previous %s)", new.bundle_id, self.previous.bundle_id)
         return {"bundle": new.bundle_id, "previous": self.previous.bundle_id}
@@ -372,7 +375,8 @@ class Daemon:
         return {"bundle": self.engine.bundle_id, "previous": self.previous.bundle_id}
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the config; reload the bundle when its fields changed (or always without a file)."""
+        """Re-read the config; reload the bundle when its fields changed or its path now resolves elsewhere
+        (a `current` symlink swapped), and always when there is no config file."""
         self.notifier.reloading()
         try:
             new = load_config(self._config_path, self._overrides) if self._config_path else self.cfg
@@ -380,12 +384,15 @@ class Daemon:
             changed = [f for f in DaemonConfig.model_fields if getattr(new, f) != getattr(old, f)]
             reply: dict[str, Any] = {"restart_required": [f for f in changed if f not in _LIVE_FIELDS]}
             merged = old.model_copy(update={f: getattr(new, f) for f in _LIVE_FIELDS})
-            if not self._config_path or any(f in changed for f in _ENGINE_FIELDS):
+            moved = os.path.realpath(merged.bundle) != self._paths.get(id(self.engine))
+            if not self._config_path or moved or any(f in changed for f in _ENGINE_FIELDS):
                 reply.update(self._load(merged.bundle, merged))
                 reply["reloaded_bundle"] = True
             elif "policy" in changed and merged.policy:
                 reply["knobs"] = self._between_frames(lambda: self.engine.set_knobs(**merged.policy))
             self.cfg = merged
+            if "log_level" in changed:
+                logging.getLogger("polymorphd").setLevel(merged.log_level)
             reply["applied"] = [f for f in changed if f in _LIVE_FIELDS]
             return reply
         finally:

@@ -401,3 +401,29 @@ def test_curve_protects_both_sockets(tmp_path, b1):
         # a client key that is not in clients_dir, and a plain client, get no answer
         assert request(d.control.address, {"cmd": "status"}, 0.3, server_key=server_public) is None
         assert request(d.control.address, {"cmd": "status"}, 0.3) is None
+
+
+def test_reload_follows_a_moved_current_symlink(tmp_path, b1):
+    b2 = make_bundle(tmp_path / "bundles", "alpha", 2)
+    current = tmp_path / "bundles" / "current"
+    current.symlink_to(b1)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(
+        yaml.safe_dump(
+            {
+                "bundle": str(current),
+                "pub": f"ipc://{tmp_path}/pub",
+                "ctl": f"ipc://{tmp_path}/ctl",
+                "warmup_runs": 0,
+            }
+        )
+    )
+    with running(app_mod.load_config(cfg_file), FakeBackend(), config_path=str(cfg_file)) as d:
+        r = ctl(d, {"cmd": "reload"})
+        assert r["ok"] and "reloaded_bundle" not in r and d.engine.bundle_id == "alpha@1"
+        tmp = tmp_path / "bundles" / "next"
+        tmp.symlink_to(b2)
+        os.replace(tmp, current)  # what polymorphd-install-bundle does
+        r = ctl(d, {"cmd": "reload"})
+        assert r["ok"] and r["reloaded_bundle"] and r["bundle"] == "alpha@2"
+        assert ctl(d, {"cmd": "reload"}).get("reloaded_bundle") is None  # nothing moved since
