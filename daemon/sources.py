@@ -261,7 +261,7 @@ class FrameSource:
     def _run(self) -> None:
         cap: Capture | None = None
         backoff = self._backoff0
-        next_due = time.monotonic()
+        next_due = last_read = float("-inf")
         try:
             while not self._stop.is_set():
                 if cap is None:
@@ -275,8 +275,12 @@ class FrameSource:
                         backoff = self._fail(None, f"cannot open: {exc}", backoff)
                         continue
                 if self._period:
-                    self._stop.wait(max(0.0, next_due - time.monotonic()))
-                    next_due = max(next_due + self._period, time.monotonic())
+                    # Keep to a schedule (late wake-ups are made up, so the rate holds under load) but
+                    # never read twice within half a period: a slow read must not be followed by a burst.
+                    due = max(next_due, last_read + self._period / 2)
+                    self._stop.wait(max(0.0, due - time.monotonic()))
+                    last_read = time.monotonic()
+                    next_due = max(next_due + self._period, last_read)
                 t0 = time.perf_counter()
                 try:
                     ok, img, truth = cap.read()
