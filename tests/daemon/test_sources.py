@@ -161,3 +161,29 @@ def test_an_open_error_no_retry_can_fix_ends_the_source():
     wait_for(lambda: src.state == "ended")
     src.stop()
     assert src.stats()["last_error"] == "bad generator setting" and src.stats()["reconnects"] == 0
+
+
+def test_rate_limit_never_reads_twice_within_half_a_period():
+    """A lower bound only (load can only stretch intervals): slow reads are not followed by a burst."""
+    stamps: list[float] = []
+    opener = FlakyOpener()
+
+    def timed(uri, loop):
+        cap = opener(uri, loop)
+        read = cap.read
+
+        def slow_sometimes():
+            stamps.append(time.monotonic())
+            if len(stamps) % 3 == 0:
+                time.sleep(0.025)  # longer than the period: the schedule falls behind
+            return read()
+
+        cap.read = slow_sometimes
+        return cap
+
+    src = source(timed, fps=100.0, drop_policy="block")
+    for _ in range(10):
+        assert src.get(2.0) is not None
+    src.stop()
+    gaps = np.diff(stamps[:10])
+    assert gaps.min() >= 0.005 - 1e-4, gaps
