@@ -164,7 +164,7 @@ class Daemon:
         self._reload_requested = True
 
     def stop(self) -> None:
-        """Undo start() in reverse; bounded by cfg.stop_timeout_s per thread."""
+        """Undo start() in reverse, all within cfg.stop_timeout_s (threads still busy then are left to exit)."""
         if self.state in ("stopped", "stopping"):
             return
         deadline = time.monotonic() + self.cfg.stop_timeout_s
