@@ -203,7 +203,10 @@ if [ "$1 $2" = "bundle verify" ]; then
   if [ -e "$3/BAD" ]; then echo "error: $3/BAD: sha256 mismatch" >&2; exit 2; fi
   exit 0
 fi
-[ "$1" = ctl ] && exit 0
+if [ "$1" = ctl ]; then
+  if [ -e "$(dirname "$0")/ctl-refuses" ]; then echo '{"ok": false, "error": "input size mismatch"}'; exit 1; fi
+  exit 0
+fi
 exit 3
 """
 
@@ -256,7 +259,19 @@ def test_helper_swaps_current_to_a_newer_bundle_and_keeps_the_old(store, tmp_pat
     proc = helper(store, make_bundle(tmp_path / "b2", "tiny", 2), "--ctl", "ipc:///run/polymorphd/ctl.sock")
     assert proc.returncode == 0, proc.stderr
     assert os.readlink(store / "current") == "tiny-v2" and (store / "tiny-v1").is_dir()
-    assert calls(store)[-1] == f"ctl --endpoint ipc:///run/polymorphd/ctl.sock load {store}/tiny-v2"
+    assert (
+        calls(store)[-1]
+        == f"ctl --endpoint ipc:///run/polymorphd/ctl.sock --timeout 300 load {store}/tiny-v2"
+    )
+
+
+def test_helper_leaves_current_alone_when_the_daemon_refuses_the_hot_swap(store, tmp_path) -> None:
+    helper(store, make_bundle(tmp_path / "b1", "tiny", 1))
+    (store.parent / "bin" / "ctl-refuses").touch()
+    proc = helper(store, "--ctl", "ipc:///run/polymorphd/ctl.sock", make_bundle(tmp_path / "b2", "tiny", 2))
+    assert proc.returncode == 1 and "'current' is unchanged" in proc.stderr
+    assert "input size mismatch" in proc.stdout
+    assert os.readlink(store / "current") == "tiny-v1" and (store / "tiny-v2").is_dir()
 
 
 def test_helper_refuses_a_bundle_that_fails_verification(store, tmp_path) -> None:
@@ -299,3 +314,114 @@ def test_helper_explains_what_is_wrong(store, tmp_path, setup, message) -> None:
         shutil.rmtree(store)
     proc = helper(store, target)
     assert proc.returncode == 1 and message in proc.stderr, proc.stderr
+
+
+# ---- the installed tree end to end: real bundle, real verifier, the daemon as the unit runs it ---------------
+# The unit's MemoryDenyWriteExecute=yes, reproduced with PR_SET_MDWE (inherited across exec) where the kernel has it.
+MDWE_EXEC = (
+    "import ctypes, os, sys\n"
+    "if ctypes.CDLL(None).prctl(65, 1, 0, 0, 0) != 0 and sys.argv[1] == 'strict':\n"
+    "    raise SystemExit('PR_SET_MDWE refused')\n"
+    "os.execv(sys.argv[2], sys.argv[2:])\n"
+)
+
+
+def notify_socket(path: Path):
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(60)
+    return sock
+
+
+def wait_for(sock, word: str) -> list[str]:
+    """Datagrams until one contains word (each recv bounded by the socket timeout)."""
+    seen = []
+    while not seen or word not in seen[-1]:
+        seen.append(sock.recv(4096).decode())
+    return seen
+
+
+@pytest.mark.slow
+def test_store_to_running_daemon_with_hot_swap_reload_and_stop(staged, tiny_run, tmp_path) -> None:
+    export = pytest.importorskip("polymorphd.export.bundle")
+    pytest.importorskip("polymorphd.daemon.app")
+    zmq = pytest.importorskip("zmq")
+    import signal
+
+    dest, _ = staged
+    venv, store = dest / "opt/polymorphd", dest / "var/lib/polymorphd/bundles"
+    polymorphd, install_bundle = venv / "bin/polymorphd", venv / "bin/polymorphd-install-bundle"
+    v1 = export.export_bundle(tiny_run, tmp_path / "v1", progress=False)
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    v2 = Path(
+        shutil.copytree(v1, tmp_path / "v2")
+    )  # the next version of the same export (manifest is not hashed)
+    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    bad = Path(shutil.copytree(v1, tmp_path / "bad"))
+    (bad / manifest["segments"][0]).write_bytes(b"not the exported graph")
+
+    refused = sh(install_bundle, "--store", store, bad)
+    assert refused.returncode == 1 and manifest["segments"][0] in refused.stdout + refused.stderr
+    assert not (store / "current").exists()
+    assert sh(install_bundle, "--store", store, v1).returncode == 0
+    name = f"{manifest['bundle_id']}-v1"
+    assert os.readlink(store / "current") == name
+
+    ctl = f"ipc://{tmp_path}/ctl.sock"
+    config = tmp_path / "cam.yaml"
+    config.write_text(
+        "camera: e2e\nsource: 'synthetic:?seed=1&classes=10&contexts=3'\n"
+        f"bundle: {store}/current\npub: ipc://{tmp_path}/pub.sock\nctl: {ctl}\n"
+        "source_fps: 15\nthreads: 1\n"  # leave CPU for the test and the loads on a 2-core runner
+    )
+    notify = notify_socket(tmp_path / "notify.sock")
+    env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"}
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", MDWE_EXEC, "lenient", str(polymorphd), "serve", "--config", str(config)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    ctx = zmq.Context()
+    try:
+        assert "STATUS=" in wait_for(notify, "READY=1")[-1]
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVTIMEO, 30_000)
+        sub.setsockopt(zmq.SUBSCRIBE, b"labels/e2e")
+        sub.connect(f"ipc://{tmp_path}/pub.sock")
+        topic, payload = sub.recv_multipart()
+        assert topic == b"labels/e2e" and json.loads(payload)["bundle"] == f"{manifest['bundle_id']}@1"
+        wait_for(notify, "WATCHDOG=1")
+
+        swap = sh(install_bundle, "--store", store, "--ctl", ctl, v2)  # hot swap through the control channel
+        assert swap.returncode == 0, swap.stdout + swap.stderr
+        assert os.readlink(store / "current") == f"{manifest['bundle_id']}-v2"
+        status = sh(polymorphd, "ctl", "--endpoint", ctl, "status")
+        assert status.returncode == 0 and json.loads(status.stdout)["bundle"] == f"{manifest['bundle_id']}@2"
+
+        daemon.send_signal(signal.SIGHUP)  # systemctl reload
+        assert "MONOTONIC_USEC=" in wait_for(notify, "RELOADING=1")[-1]
+        wait_for(notify, "READY=1")
+        status = sh(
+            polymorphd, "ctl", "--endpoint", ctl, "status"
+        )  # same config: the hot-swapped bundle stays
+        assert json.loads(status.stdout)["bundle"] == f"{manifest['bundle_id']}@2"
+        daemon.send_signal(signal.SIGTERM)  # systemctl stop
+        assert daemon.wait(timeout=30) == 0, daemon.stderr.read()[-3000:]
+        assert "STOPPING=1" in "".join(wait_for(notify, "STOPPING=1"))
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait(timeout=10)
+        ctx.destroy(linger=0)
+        notify.close()
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_shell_scripts_pass_shellcheck() -> None:
+    scripts = [SYSTEMD / s for s in ("install.sh", "uninstall.sh", "polymorphd-install-bundle")]
+    proc = sh("shellcheck", *scripts)
+    assert proc.returncode == 0, proc.stdout
