@@ -43,11 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="dataset directory to write (must not exist or be empty)")
     s.add_argument("--classes", type=int, default=32, help="number of object classes")
     s.add_argument("--contexts", type=int, default=6, help="number of scene contexts (class groups)")
-    s.add_argument("--videos", type=int, nargs=3, default=(24, 6, 6), metavar=("TRAIN", "VAL", "TEST"),
-                   help="videos per split")
+    s.add_argument(
+        "--videos",
+        type=int,
+        nargs=3,
+        default=(24, 6, 6),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="videos per split",
+    )
     s.add_argument("--frames", type=int, default=60, help="frames per video")
     s.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"), help="frame size")
-    s.add_argument("--annotate-every", type=int, default=1, help="annotate one frame in N (TAO: about 1 per second)")
+    s.add_argument(
+        "--annotate-every", type=int, default=1, help="annotate one frame in N (TAO: about 1 per second)"
+    )
     s.add_argument("--background", default=None, help="video file for backgrounds (default: procedural)")
     s.add_argument("--seed", type=int, default=0)
 
@@ -66,8 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantize", choices=("int8",), default=None, help="dynamic int8 quantization")
     e.add_argument("--fp16", action="store_true", help="store float16 weights (GPU boards)")
     e.add_argument("--sign-key", default=None, help="Ed25519 private key (PEM) to sign the manifest")
-    e.add_argument("--adapters-only", action="store_true",
-                   help="write an adapter bundle (contexts, adapters, heads) for the run's base")
+    e.add_argument(
+        "--adapters-only",
+        action="store_true",
+        help="write an adapter bundle (contexts, adapters, heads) for the run's base",
+    )
     e.add_argument("--version", type=int, default=None, help="bundle version (default: 1, or base + 1)")
 
     k = sub.add_parser("keygen", help="create an Ed25519 key pair for bundle signing")
@@ -99,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv = sub.add_parser("serve", help="run the daemon")
     sv.add_argument("--config", default=None, help="YAML or JSON config file")
     sv.add_argument("--bundle", default=None)
-    sv.add_argument("--source", default=None, help="URI: /dev/videoN, N, file path, rtsp://, gst:PIPELINE, synthetic:")
+    sv.add_argument(
+        "--source", default=None, help="URI: /dev/videoN, N, file path, rtsp://, gst:PIPELINE, synthetic:"
+    )
     sv.add_argument("--pub", default=None, help="label stream endpoint, e.g. tcp://*:5555")
     sv.add_argument("--ctl", default=None, help="control endpoint, e.g. tcp://127.0.0.1:5556")
     sv.add_argument("--camera", default=None, help="camera name used in topics")
@@ -110,19 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     su = sub.add_parser("subscribe", help="print the label stream as JSON lines")
     su.add_argument("--endpoint", required=True)
     su.add_argument("--topic", default="", help="topic prefix filter, e.g. labels/cam0")
-    su.add_argument("--summary", type=float, default=None, metavar="SECONDS",
-                    help="print a summary (fps, seq gaps, label counts) every N seconds to stderr")
+    su.add_argument(
+        "--summary",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="print a summary (fps, seq gaps, label counts) every N seconds to stderr",
+    )
     su.add_argument("--count", type=int, default=None, help="exit after this many messages")
     su.add_argument("--timeout", type=float, default=None, help="exit 1 if nothing arrives for this long")
+    _curve_client_args(su)
 
     c = sub.add_parser("ctl", help="send one control command to a running daemon")
     c.add_argument("--endpoint", required=True)
     c.add_argument("--timeout", type=float, default=5.0)
     c.add_argument("cmd", choices=("status", "stats", "load", "rollback", "reload", "set"))
     c.add_argument("args", nargs="*", help="load: PATH; set: KEY=VALUE ...")
+    _curve_client_args(c)
 
     d = sub.add_parser("demo", help="train (if not cached), serve on synthetic:, print labels beside truth")
-    d.add_argument("--cache", default=None, help="where the demo bundle is cached (default ~/.cache/polymorphd)")
+    d.add_argument(
+        "--cache", default=None, help="where the demo bundle is cached (default ~/.cache/polymorphd)"
+    )
     d.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
     d.add_argument("--fps", type=float, default=30.0)
 
@@ -130,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     px.add_argument("--frontend", required=True, help="where daemons publish (XSUB bind)")
     px.add_argument("--backend", required=True, help="where subscribers connect (XPUB bind)")
     return p
+
+
+def _curve_client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--server-key", default=None, help="CURVE: the daemon's public key file (enables encryption)"
+    )
+    p.add_argument(
+        "--client-key", default=None, help="CURVE: this client's secret key file (default: ephemeral)"
+    )
 
 
 def _handler(args: argparse.Namespace):
@@ -141,7 +172,7 @@ def _handler(args: argparse.Namespace):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        if exc.name in ("torch", "onnx", "onnxscript"):
+        if (exc.name or "").split(".")[0] in ("torch", "onnx", "onnxscript"):
             raise MissingExtraError(
                 f"'polymorphd {key}' needs {exc.name}, which is not installed: "
                 "install the training extra with pip install 'polymorphd[train]'"

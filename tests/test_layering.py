@@ -34,7 +34,15 @@ def _daemon_modules() -> list[str]:
 
 def run_without_torch(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run Python code in a fresh interpreter where the training-only packages cannot be imported."""
-    prelude = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in BLOCKED)
+    # A meta-path finder, not sys.modules[name] = None: scipy/sklearn probe sys.modules['torch'] and crash on None.
+    prelude = (
+        "import sys\n"
+        "class _Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] in {BLOCKED!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked: not on the board)', name=name)\n"
+        "sys.meta_path.insert(0, _Block())\n"
+    )
     return subprocess.run(
         [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout, cwd=ROOT
     )
