@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import ast
 import pkgutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import run_without_torch
+
 ROOT = Path(__file__).resolve().parents[1]
-# Not on the board: the runtime extra installs none of these.
-BLOCKED = ("torch", "onnx", "onnxscript", "transformers", "sklearn")
 TORCH_FREE_SHARED = (
     "polymorphd.models.errors",
     "polymorphd.models.tao",
@@ -30,22 +28,6 @@ TORCH_FREE_SHARED = (
 
 def _daemon_modules() -> list[str]:
     return sorted(f"polymorphd.daemon.{m.name}" for m in pkgutil.iter_modules([str(ROOT / "daemon")]))
-
-
-def run_without_torch(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run Python code in a fresh interpreter where the training-only packages cannot be imported."""
-    # A meta-path finder, not sys.modules[name] = None: scipy/sklearn probe sys.modules['torch'] and crash on None.
-    prelude = (
-        "import sys\n"
-        "class _Block:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] in {BLOCKED!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r} (blocked: not on the board)', name=name)\n"
-        "sys.meta_path.insert(0, _Block())\n"
-    )
-    return subprocess.run(
-        [sys.executable, "-c", prelude + code], capture_output=True, text=True, timeout=timeout, cwd=ROOT
-    )
 
 
 def test_every_daemon_module_and_shared_core_imports_without_torch():

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fakes import FakeBackend, FlakyOpener, Sub, config, make_bundle, running
 
 from polymorphd.daemon import app as app_mod
 from polymorphd.daemon.control import request
 from polymorphd.daemon.power import Meter
 from polymorphd.models.errors import BundleError
+from tests.daemon.fakes import FakeBackend, FlakyOpener, Sub, config, make_bundle, running
 
 LABEL_FIELDS = {
     "v",

@@ -9,10 +9,10 @@ import sys
 import time
 
 import zmq
-from fakes import Sub
 
 from polymorphd.daemon.proxy import Proxy
 from polymorphd.daemon.publish import Publisher
+from tests.daemon.fakes import Sub
 
 
 def test_two_daemons_through_one_proxy(tmp_path):

@@ -8,11 +8,11 @@ import msgpack
 import numpy as np
 import pytest
 import zmq
-from fakes import Sub
 
 from polymorphd.daemon.config import Curve
 from polymorphd.daemon.publish import Publisher, decode, encode, label_payload
 from polymorphd.models.errors import ConfigError
+from tests.daemon.fakes import Sub
 
 CLASSES = ["a", "b", "c", "d"]
 

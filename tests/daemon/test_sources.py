@@ -8,10 +8,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from fakes import FlakyOpener
 
 from polymorphd.daemon.sources import FrameSource, open_capture, preflight
 from polymorphd.models.errors import ConfigError
+from tests.daemon.fakes import FlakyOpener
 
 
 def wait_for(pred, timeout: float = 5.0) -> None:
