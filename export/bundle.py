@@ -42,17 +42,15 @@ from polymorphd.export.onnx import (
     Exporter,
     adapter_tensors,
     export_graph,
-    latency_ms,
     lora_names,
     plan_graphs,
-    random_feeds,
     segment_bounds,
-    session,
     tail_base_tensors,
     write_tensor_file,
 )
 from polymorphd.export.quantize import Quantize, compare, convert_graph
 from polymorphd.export.signing import load_private_key, sign
+from polymorphd.export.timing import latency_ms, random_feeds, session
 from polymorphd.export.verify import expected_graphs, verify_bundle
 from polymorphd.models.cost import bundle_gflops
 from polymorphd.models.errors import BundleError, CheckpointError, ConfigError
@@ -333,9 +331,9 @@ def format_report(report: dict[str, Any]) -> str:
     q = report.get("quantization")
     for f, n in report["bytes"].items():
         extra = f"  {lat[f]:8.3f} ms" if f in lat else ""
-        if q and f in q["graphs"]:
+        if q and f in q["graphs"]:  # the interleaved pair, so the two numbers compare
             g = q["graphs"][f]
-            extra += f"  (fp32 {g['fp32_ms']:.3f} ms, x{g['speedup']:.2f})"
+            extra = f"  {g[q['mode'] + '_ms']:8.3f} ms (fp32 {g['fp32_ms']:.3f} ms, x{g['speedup']:.2f})"
         lines.append(f"  {f:32s} {n / 1e3:10.1f} kB{extra}")
     if lat:
         lines.append(f"  latency: median of {lat['runs']} runs, {lat['threads']} threads, B=1, M=2")

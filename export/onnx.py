@@ -10,7 +10,6 @@ random inputs (another batch size than the example, so dynamic dims are exercise
 from __future__ import annotations
 
 import logging
-import statistics
 import time
 import warnings
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymorphd.export.timing import interleaved_ms, session
 from polymorphd.models.errors import BundleError, ConfigError
 from polymorphd.models.lora import ContextAdapter, LoraName, forward_tail, tail_start
 from polymorphd.models.run import Run
@@ -375,44 +375,28 @@ def check_graph(spec: GraphSpec, path: Path, *, atol: float = ATOL, seed: int = 
     return diff
 
 
-def session(path: Path | str, threads: int = 2, **opts: object) -> ort.InferenceSession:
-    """A CPU ORT session with ``threads`` intra-op threads (the board's setting) and full graph optimization."""
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    so.log_severity_level = 3  # ORT's warnings bypass logging; errors still raise
-    for k, v in opts.items():
-        setattr(so, k, v)
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+def compare_exporters(
+    run: Run, out_dir: Path, *, runs: int = 50, blocks: int = 5, threads: int = 2
+) -> dict[str, dict[str, float]]:
+    """Export every graph with both exporters and time each in ORT (median of interleaved blocks, B=1, M=2).
 
-
-def latency_ms(
-    sess: ort.InferenceSession,
-    feeds: dict[str, np.ndarray],
-    runs: int = 50,
-    warmup: int = 5,
-    run_options: ort.RunOptions | None = None,
-) -> float:
-    """Median wall time of ``sess.run`` over ``runs`` runs, in ms."""
-    for _ in range(warmup):
-        sess.run(None, feeds, run_options)
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        sess.run(None, feeds, run_options)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def random_feeds(
-    shapes: dict[str, tuple[int | str, ...]], rng: np.random.Generator, dims: dict[str, int] | None = None
-) -> dict[str, np.ndarray]:
-    """Random float32 inputs for a graph's input shapes; dynamic dims from ``dims`` (B=1, M=2 by default)."""
-    dims = {"B": 1, "M": 2, **(dims or {})}
-    return {
-        k: rng.standard_normal([d if isinstance(d, int) else dims[d] for d in shape]).astype(np.float32)
-        for k, shape in shapes.items()
-    }
+    Returns graph -> {"<exporter>_ms": .., "<exporter>_export_s": ..}; how DEFAULT_EXPORTER was chosen.
+    """
+    out: dict[str, dict[str, float]] = {}
+    exporters: tuple[Exporter, ...] = ("torchscript", "dynamo")
+    for spec in plan_graphs(run):
+        row: dict[str, float] = {}
+        sessions = {}
+        for e in exporters:
+            (out_dir / e).mkdir(parents=True, exist_ok=True)
+            t0 = time.perf_counter()
+            export_graph(spec, out_dir / e / spec.file, exporter=e)
+            row[f"{e}_export_s"] = round(time.perf_counter() - t0, 2)
+            sessions[e] = session(out_dir / e / spec.file, threads)
+        feeds = numpy_feeds(spec, 2 if spec.name == "tail_lora" else 1)
+        ms = interleaved_ms({e: (sessions[e], feeds) for e in exporters}, runs, blocks)
+        out[spec.name] = {**row, **{f"{e}_ms": round(v, 4) for e, v in ms.items()}}
+    return out
 
 
 def numpy_feeds(spec: GraphSpec, batch: int, seed: int = 0) -> dict[str, np.ndarray]:

@@ -20,7 +20,7 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
 from polymorphd.export.manifest import Manifest
-from polymorphd.export.onnx import latency_ms, random_feeds, session
+from polymorphd.export.timing import interleaved_ms, random_feeds, session
 from polymorphd.export.verify import expected_graphs
 from polymorphd.models.errors import ConfigError, DataError
 from polymorphd.models.metrics import mean_average_precision
@@ -98,7 +98,8 @@ def compare(
         feeds = random_feeds(ins, rng)
         a, b = session(fp32_dir / file, threads), session(conv_dir / file, threads)
         drift = float(np.max(np.abs(a.run(None, feeds)[0] - b.run(None, feeds)[0])))
-        t32, tq = latency_ms(a, feeds, runs), latency_ms(b, feeds, runs)
+        ms = interleaved_ms({"fp32": (a, feeds), label: (b, feeds)}, runs)
+        t32, tq = ms["fp32"], ms[label]
         graphs[file] = {
             "fp32_ms": round(t32, 4),
             f"{label}_ms": round(tq, 4),

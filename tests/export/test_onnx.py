@@ -14,8 +14,8 @@ from polymorphd.export.onnx import (
     export_graph,
     plan_graphs,
     segment_bounds,
-    session,
 )
+from polymorphd.export.timing import session
 from polymorphd.models.errors import BundleError, ConfigError
 from polymorphd.models.lora import compose, merged_copy, tail_start
 from polymorphd.models.run import load_run

@@ -10,8 +10,8 @@ import pytest
 
 from polymorphd.export.bundle import export_bundle
 from polymorphd.export.manifest import load_manifest
-from polymorphd.export.onnx import session
 from polymorphd.export.quantize import full_path_scores, weight_matmuls
+from polymorphd.export.timing import session
 from polymorphd.export.verify import verify_bundle
 
 
