@@ -160,7 +160,8 @@ def _write_graphs(
     fp32_dir = scratch / "fp32" if convert else dest
     fp32_dir.mkdir(parents=True, exist_ok=True)
     specs = plan_graphs(run)
-    for spec in tqdm(specs, desc="exporting graphs", unit="graph", disable=not progress):
+    bar = None if progress else True  # None: tqdm shows no bar when stderr is not a terminal
+    for spec in tqdm(specs, desc="exporting graphs", unit="graph", disable=bar):
         diff = export_graph(spec, fp32_dir / spec.file, exporter=exporter)
         log.info("exported %s (ORT vs torch max abs diff %.2e)", spec.file, diff)
         if convert:

@@ -113,6 +113,12 @@ class Manifest:
             )
         except TypeError as exc:
             raise BundleError(f"{source}: malformed contexts/exits/adapters entry: {exc}") from exc
+        for name, want in (("version", int), ("bundle_id", str), ("base_sha256", str), ("files", dict)):
+            value = getattr(m, name)
+            if not isinstance(value, want) or isinstance(value, bool):
+                raise BundleError(f"{source}: {name} must be of type {want.__name__}, got {value!r:.60}")
+        if m.version < 1:
+            raise BundleError(f"{source}: version must be >= 1, got {m.version}")
         if m.kind == "full":
             absent = [k for k in ("segments", "tail", "tail_lora", "tail_start") if not getattr(m, k)]
             if absent:
@@ -178,7 +184,10 @@ def load_manifest(bundle_dir: str | Path) -> Manifest:
     """Read and validate ``bundle_dir/manifest.json`` (schema only; ``verify_bundle`` checks the files)."""
     path = Path(bundle_dir) / MANIFEST
     if not Path(bundle_dir).is_dir():
-        raise BundleError(f"bundle directory {bundle_dir} does not exist")
+        what = "is not a directory" if Path(bundle_dir).exists() else "does not exist"
+        raise BundleError(
+            f"bundle directory {bundle_dir} {what}; pass the directory that holds manifest.json"
+        )
     try:
         data = json.loads(path.read_bytes())
     except FileNotFoundError as exc:

@@ -39,6 +39,8 @@ def test_unknown_and_missing_keys_are_rejected(bundle):
     d = json.loads((bundle / "manifest.json").read_text())
     with pytest.raises(BundleError, match=r"unknown key\(s\) \['surprise'\]"):
         Manifest.from_dict({**d, "surprise": 1})
+    with pytest.raises(BundleError, match=r"version must be of type int, got '1'"):
+        Manifest.from_dict({**d, "version": "1"})
     del d["classes"]
     with pytest.raises(BundleError, match=r"missing key\(s\) \['classes'\]"):
         Manifest.from_dict(d)
