@@ -23,6 +23,7 @@ TORCH_FREE_SHARED = (
     "polymorphd.export.manifest",
     "polymorphd.export.verify",
     "polymorphd.export.signing",
+    "polymorphd.export.timing",
 )
 
 
