@@ -5,6 +5,8 @@ streams, ``gst:PIPELINE`` (GStreamer, e.g. Jetson CSI cameras) and
 ``synthetic:[?seed=3&classes=32]`` (the synthetic generator, with ground truth).
 The capture thread never waits for inference under the default drop-oldest
 policy: an unread frame is replaced and counted as dropped (frigate's capture path).
+On-demand sources (synthetic:, video files) at an unlimited rate are the exception:
+with no clock to keep up with, the next frame is read when the loop takes this one.
 """
 
 from __future__ import annotations
@@ -37,7 +39,10 @@ class Frame:
 
 
 class Capture(Protocol):
-    """What the capture thread needs from a camera; ``finite`` sources end instead of reconnecting."""
+    """What the capture thread needs from a camera; ``finite`` sources end instead of reconnecting.
+
+    An optional ``on_demand = True`` says frames are made when read (a generator, a file), not by a clock.
+    """
 
     finite: bool
 
@@ -57,6 +62,7 @@ class CvCapture:
 
         kind = source_kind(uri)
         self.finite = kind == "file" and not loop
+        self.on_demand = kind == "file"
         self._loop = kind == "file" and loop
         if kind == "v4l2":
             target: int | str = int(uri) if uri.isdigit() else uri
@@ -91,6 +97,7 @@ class SynthCapture:
     """The synthetic generator as an endless camera that also knows each frame's labels."""
 
     finite = False
+    on_demand = True
 
     def __init__(self, uri: str) -> None:
         from polymorphd.models.synth import SynthStream
@@ -237,9 +244,9 @@ class FrameSource:
             "last_error": self._last_error,
         }
 
-    def _put(self, frame: Frame) -> None:
+    def _put(self, frame: Frame, wait: bool) -> None:
         with self._cond:
-            if self._block:
+            if wait:
                 while self._slot is not None and not self._stop.is_set():
                     self._cond.wait(0.1)
             elif self._slot is not None:
@@ -307,7 +314,10 @@ class FrameSource:
                 self.state = "live"
                 backoff = self._backoff0
                 self._times.append(time.monotonic())
-                self._put(Frame(img, time.time_ns(), self._frames, read_ms, truth))
+                # Racing ahead of the loop on an on-demand source only makes frames to drop, and on 2 cores
+                # its GIL holding delays the loop after every ONNX Runtime call: wait for the slot instead.
+                paced = self._block or (not self._period and getattr(cap, "on_demand", False))
+                self._put(Frame(img, time.time_ns(), self._frames, read_ms, truth), paced)
                 self._frames += 1
         finally:
             if cap is not None:

@@ -187,3 +187,42 @@ def test_rate_limit_never_reads_twice_within_half_a_period():
     src.stop()
     gaps = np.diff(stamps[:10])
     assert gaps.min() >= 0.005 - 1e-4, gaps
+
+
+class _Generator:
+    """An on-demand capture (like synthetic: or a file) that counts its reads."""
+
+    finite, on_demand = False, True
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self):
+        self.reads += 1
+        return True, np.full((4, 4, 3), self.reads % 256, np.uint8), None
+
+    def release(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("fps", [0.0, 200.0])
+def test_on_demand_source_at_unlimited_rate_waits_for_the_loop(fps):
+    """Racing ahead would only make frames to drop (and hold the GIL the frame loop needs)."""
+    gen = _Generator()
+    src = source(lambda uri, loop: gen, fps=fps)
+    taken = [src.get(2.0) for _ in range(3)]
+    time.sleep(0.1)  # the loop busy with a frame: 20 periods at 200 fps
+    taken.append(src.get(2.0))
+    src.stop()
+    assert all(f is not None for f in taken)
+    if fps:  # rate-limited, it is a camera: it keeps reading and drops what the loop did not take
+        assert gen.reads > 8 and src.stats()["dropped"] > 0
+    else:  # taken + one waiting in the slot + at most one being read
+        assert gen.reads <= len(taken) + 2 and src.stats()["dropped"] == 0
+        assert [f.index for f in taken] == list(range(4))
+
+
+def test_synthetic_and_file_captures_are_on_demand(tmp_path):
+    pytest.importorskip("polymorphd.models.synth")
+    assert open_capture("synthetic:?classes=4&contexts=2&width=32&height=32").on_demand
+    assert open_capture(str(_write_video(tmp_path / "clip.avi", 2))).on_demand
