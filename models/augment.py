@@ -9,6 +9,7 @@ network never sees a tensor the runtime could not produce.
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -57,7 +58,28 @@ def augment_batch(frames: torch.Tensor, cfg: Augment, gen: torch.Generator) -> t
     x = (x - gray) * sat + gray
     mean = gray.mean(dim=(2, 3), keepdim=True)
     x = (x - mean) * contrast + mean
+    if cfg.channel_shuffle > 0:
+        perms = torch.tensor(list(itertools.permutations(range(3))))
+        pick = torch.randint(0, len(perms), (b,), generator=gen)
+        pick = torch.where(torch.rand(b, generator=gen) < cfg.channel_shuffle, pick, 0)  # 0: identity
+        x = torch.gather(x, 1, perms[pick].to(dev)[:, :, None, None].expand_as(x))
     return x.clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def mixup(
+    x: torch.Tensor, y: torch.Tensor, alpha: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blend each sample with another of the batch (Zhang et al. 2018): inputs and soft multi-label targets.
+
+    Mixing normalised inputs equals normalising mixed frames (normalisation is affine).
+    """
+    if alpha <= 0 or len(x) < 2:
+        return x, y
+    # torch's Beta takes no generator: draw it from numpy, seeded by the run's generator
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    lam = float(np.random.default_rng(seed).beta(alpha, alpha))
+    j = torch.randperm(len(x), generator=gen).to(x.device)
+    return lam * x + (1 - lam) * x[j], lam * y + (1 - lam) * y[j]
 
 
 def to_input(frames: torch.Tensor | np.ndarray, spec: InputSpec, device: torch.device) -> torch.Tensor:

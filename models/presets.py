@@ -49,6 +49,10 @@ class Augment:
     brightness: float = 0.25
     contrast: float = 0.25
     saturation: float = 0.25
+    # object tints and backgrounds are random in colour, so swapping colour channels keeps every label and
+    # stops the network from keying on a video's colours instead of its objects
+    channel_shuffle: float = 0.5
+    mixup_alpha: float = 0.4  # mixup (Zhang et al. 2018) with soft multi-label targets; 0 disables
 
 
 @dataclass(frozen=True)

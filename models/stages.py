@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from polymorphd.models.augment import augment_batch, to_input
+from polymorphd.models.augment import augment_batch, mixup, to_input
 from polymorphd.models.calibrate import calibrate_exit, class_thresholds
 from polymorphd.models.cost import count_params, exit_flops, gflops
 from polymorphd.models.distributed import DistEnv, epoch_order, mean_across, wrap
@@ -139,25 +139,38 @@ def stage_bar(desc: str, ctx: Ctx) -> tqdm:
     return tqdm(total=0, desc=desc, unit="step", disable=not (ctx.progress and ctx.env.is_main))
 
 
+def trunk_pass(
+    vit: VisionTransformer, x: torch.Tensor, collect: Sequence[int], final: bool
+) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+    """Images -> tokens after each block in ``collect`` and, if ``final``, the generalist's logits."""
+    end = vit.cfg.depth if final else max(collect)
+    tokens, done = {}, 0
+    x = vit.forward_embed(x)
+    for b in sorted(set(collect) | {end}):
+        x = vit.forward_blocks(x, done, b)
+        done = b
+        if b in collect:
+            tokens[b] = x
+    return tokens, (vit.forward_head(x) if final else None)
+
+
 @torch.no_grad()
 def frozen_features(
     vit: VisionTransformer, images: np.ndarray, ctx: Ctx, collect: Sequence[int], final: bool = False
 ) -> tuple[dict[int, torch.Tensor], np.ndarray | None]:
-    """One trunk pass: tokens after each block in ``collect`` (on the device) and, if ``final``, probabilities."""
+    """One trunk pass over un-augmented frames: tokens after each block in ``collect`` (on the device)
+    and, if ``final``, the generalist's probabilities."""
     vit.eval()
-    end = vit.cfg.depth if final else max(collect)
     feats: dict[int, list[torch.Tensor]] = {b: [] for b in collect}
     probs = []
     for i in range(0, len(images), EVAL_BATCH):
-        x = vit.forward_embed(to_input(images[i : i + EVAL_BATCH], ctx.spec, ctx.device))
-        done = 0
-        for b in sorted(set(collect) | {end}):
-            x = vit.forward_blocks(x, done, b)
-            done = b
-            if b in feats:
-                feats[b].append(x)
-        if final:
-            probs.append(torch.sigmoid(vit.forward_head(x)).cpu())
+        tokens, logits = trunk_pass(
+            vit, to_input(images[i : i + EVAL_BATCH], ctx.spec, ctx.device), collect, final
+        )
+        for b, t in tokens.items():
+            feats[b].append(t)
+        if logits is not None:
+            probs.append(torch.sigmoid(logits).cpu())
     out = {b: torch.cat(v) for b, v in feats.items()}
     return out, (torch.cat(probs).numpy() if final else None)
 
@@ -186,9 +199,12 @@ def train_generalist(
     Y = torch.from_numpy(train.Y).float().to(ctx.device)
     gen = torch.Generator().manual_seed(ctx.seed * 7919 + ctx.env.rank)
 
+    aug = ctx.preset.augment
+
     def step(idx: torch.Tensor) -> torch.Tensor:
-        x = to_input(augment_batch(images[idx], ctx.preset.augment, gen), ctx.spec, ctx.device)
-        return F.binary_cross_entropy_with_logits(model(x), Y[idx.to(ctx.device)])
+        x = to_input(augment_batch(images[idx], aug, gen), ctx.spec, ctx.device)
+        x, y = mixup(x, Y[idx.to(ctx.device)], aug.mixup_alpha, gen)
+        return F.binary_cross_entropy_with_logits(model(x), y)
 
     losses = fit(list(vit.named_parameters()), len(images), step, ctx.preset.generalist, ctx, "generalist")
     vit.eval()
@@ -223,25 +239,32 @@ def exit_variants(preset: Preset) -> list[tuple[str, bool, int]]:
 def train_exits(
     vit: VisionTransformer, train: SplitData, report: SplitData, ctx: Ctx
 ) -> tuple[list[nn.Module], list[dict]]:
-    """Train all exit variants with the backbone frozen; returns modules and their numbers (variant order)."""
+    """Train all exit variants with the backbone frozen; returns modules and their numbers (variant order).
+
+    Every batch is augmented (as for the generalist) and run through the frozen trunk ONCE; its tokens at
+    every exit position and its final probabilities (the copycat target) feed all variants.
+    """
     _freeze(vit)
     p = ctx.preset
     positions = list(p.exit_after)
-    tokens, teacher = frozen_features(vit, train.images, ctx, positions, final=True)
     torch.manual_seed(ctx.seed + 1)
     variants = exit_variants(p)
     cfgs = {k: {ec.after_block: ec for ec in p.exit_configs(k)} for k in ("slvit", "mlp")}
     modules = [build_exit(vit.cfg, cfgs[k][b]).to(ctx.device) for k, _, b in variants]
     bank = ExitBank(modules, [b for _, _, b in variants])
     model = wrap(bank, ctx.env)
+    images = torch.from_numpy(train.images)
     Y = torch.from_numpy(train.Y).float().to(ctx.device)
-    T = torch.from_numpy(teacher).to(ctx.device)
-    wl, wd = p.copycat_label_weight, p.copycat_distill_weight
+    gen = torch.Generator().manual_seed(ctx.seed * 7919 + 17 + ctx.env.rank)
+    wl, wd, aug = p.copycat_label_weight, p.copycat_distill_weight, p.augment
 
     def step(idx: torch.Tensor) -> torch.Tensor:
-        idx = idx.to(ctx.device)
-        y, t = Y[idx], T[idx]
-        outs = model({b: tokens[b][idx] for b in positions})
+        x = to_input(augment_batch(images[idx], aug, gen), ctx.spec, ctx.device)
+        x, y = mixup(x, Y[idx.to(ctx.device)], aug.mixup_alpha, gen)
+        with torch.no_grad():
+            tokens, logits = trunk_pass(vit, x, positions, final=True)
+            t = torch.sigmoid(logits)
+        outs = model(tokens)
         loss = 0.0
         for (_, copycat, _), logits in zip(variants, outs, strict=True):
             label = F.binary_cross_entropy_with_logits(logits, y)
@@ -250,7 +273,7 @@ def train_exits(
             )
         return loss / len(variants)
 
-    fit(list(bank.named_parameters()), len(Y), step, p.exits, ctx, "exits")
+    fit(list(bank.named_parameters()), len(images), step, p.exits, ctx, "exits")
     bank.eval()
     rep_tokens, _ = frozen_features(vit, report.images, ctx, positions)
     results = []

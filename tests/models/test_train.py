@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
 import shutil
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +18,7 @@ torch = pytest.importorskip("torch")
 
 from polymorphd.daemon.cli import main as cli_main  # noqa: E402
 from polymorphd.models import stages  # noqa: E402
-from polymorphd.models.augment import augment_batch, to_input  # noqa: E402
+from polymorphd.models.augment import augment_batch, mixup, to_input  # noqa: E402
 from polymorphd.models.errors import ConfigError  # noqa: E402
 from polymorphd.models.preprocess import InputSpec, preprocess_batch  # noqa: E402
 from polymorphd.models.presets import PRESETS, Augment, get_preset  # noqa: E402
@@ -25,6 +30,15 @@ TINY_DATA = SynthConfig(
     num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=12, hubs=1, hub_contexts=2,
     scene_length=(6, 12),
 )  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # tiny matrices: a second OpenMP thread only adds synchronisation (and spins when the box is busy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -189,10 +203,28 @@ def test_augmentation_is_seeded_and_identity_when_disabled() -> None:
     b = augment_batch(frames, cfg, torch.Generator().manual_seed(1))
     assert a.dtype == torch.uint8 and a.shape == frames.shape and torch.equal(a, b)
     assert not torch.equal(a, frames)
-    off = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    off = Augment(
+        scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=0.0, brightness=0.0, contrast=0.0, saturation=0.0,
+        channel_shuffle=0.0,
+    )  # fmt: skip
     assert torch.equal(augment_batch(frames, off, torch.Generator().manual_seed(1)), frames)
-    flip = Augment(scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=1.0, brightness=0.0, contrast=0.0, saturation=0.0)
+    flip = replace(off, flip=1.0)
     assert torch.equal(augment_batch(frames, flip, torch.Generator()), frames.flip(2))
+    shuffled = augment_batch(frames, replace(off, channel_shuffle=1.0), torch.Generator().manual_seed(2))
+    for got, want in zip(shuffled, frames, strict=True):  # every frame is a channel permutation of itself
+        assert any(torch.equal(got, want[..., list(p)]) for p in itertools.permutations(range(3)))
+
+
+def test_mixup_blends_inputs_and_soft_targets_alike() -> None:
+    x = torch.arange(4.0).view(4, 1) * torch.ones(4, 3)
+    y = torch.eye(4)
+    mx, my = mixup(x, y, 0.4, torch.Generator().manual_seed(0))
+    # input row i = lam * x[i] + (1 - lam) * x[j]; the targets carry the same weights
+    assert torch.allclose(my.sum(1), torch.ones(4))
+    assert torch.allclose(mx[:, 0], my @ x[:, 0])
+    same, _ = mixup(x, y, 0.4, torch.Generator().manual_seed(0))
+    assert torch.equal(same, mx)
+    assert mixup(x, y, 0.0, torch.Generator())[0] is x
 
 
 def test_training_input_is_the_runtime_preprocessing() -> None:
@@ -200,3 +232,18 @@ def test_training_input_is_the_runtime_preprocessing() -> None:
     spec = InputSpec(size=32)
     x = to_input(torch.from_numpy(frames), spec, torch.device("cpu"))
     assert np.array_equal(x.numpy(), preprocess_batch(frames, spec))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_train_one_run(dataset, tmp_path) -> None:
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "polymorphd.daemon.cli", "train", "--data", str(dataset), "--out", str(out),
+           "--preset", "tiny", "--threads", "1"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run written to") == 1  # only rank 0 prints and writes
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["world_size"] == 2 and len(rep["exits"]) == 8
+    assert len(load_run(out).adapters) == len(rep["contexts"])
