@@ -2,15 +2,17 @@
 
 A frame stops at an exit when every class is decided confidently there: its probability is below `lo`
 (absent) or above `hi` (present). (lo, hi) are chosen on validation data so that, on the frames that
-exit, the exit's decisions are as accurate as the final classifier's, to a tolerance. Torch-free: the
-daemon applies the rule per frame, training calibrates it.
+exit, the exit's decisions are as accurate as the final classifier's, to a tolerance. Accuracy is the
+per-frame F1 of the decided label set against the truth (an empty set matching an empty truth scores 1):
+per-label accuracy would reward an exit that declares every frame empty, since few of many classes are
+present in any frame. Torch-free: the daemon applies the rule per frame, training calibrates it.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["DEFAULT_GRID", "calibrate_exit", "class_thresholds", "exit_decides", "exit_labels"]
+__all__ = ["DEFAULT_GRID", "calibrate_exit", "class_thresholds", "exit_decides", "exit_labels", "frame_f1"]
 
 # Candidate values for lo and hi: dense near 0 and 1, where confident exits live.
 DEFAULT_GRID: tuple[float, ...] = (
@@ -32,6 +34,13 @@ def exit_decides(probs: np.ndarray, lo: float, hi: float) -> bool | np.ndarray:
 def exit_labels(probs: np.ndarray, hi: float) -> np.ndarray:
     """The exit's label mask: probs > hi (same shape as probs)."""
     return np.asarray(probs) > hi
+
+
+def frame_f1(pred: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Per-frame F1 of predicted label sets (F, K) bool against truth (F, K) bool; 1.0 where both are empty."""
+    tp = (pred & Y).sum(axis=1)
+    denom = pred.sum(axis=1) + Y.sum(axis=1)
+    return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
 
 
 def _check_pair(name: str, A: np.ndarray, Y: np.ndarray) -> np.ndarray:
@@ -92,11 +101,11 @@ def calibrate_exit(
 ) -> tuple[float, float, dict[str, float]]:
     """Choose the exit's (lo, hi) from `grid` (lo <= hi) maximising the share of frames that exit.
 
-    Constraint: on the exiting frames, the exit's per-label accuracy (p > hi present, p < lo absent) vs
+    Constraint: on the exiting frames, the exit's mean per-frame F1 (p > hi present, p < lo absent) vs
     Y is at least the final classifier's (P_final > class_thr) on the same frames minus `tolerance`.
-    Ties prefer the larger accuracy margin, then the wider (lo, hi) band. Returns lo, hi and
-    {"exit_rate", "exit_accuracy", "final_accuracy"} (accuracies on the exiting frames; nan when none
-    exits). (0.0, 1.0), which never exits, when no pair qualifies.
+    Ties prefer the larger F1 margin, then the wider (lo, hi) band. Returns lo, hi and
+    {"exit_rate", "exit_f1", "final_f1"} (mean F1 on the exiting frames; nan when none exits).
+    (0.0, 1.0), which never exits, when no pair qualifies.
     """
     Yb = _labels(Y)
     Pe = _check_pair("P_exit", P_exit, Yb)
@@ -111,10 +120,10 @@ def calibrate_exit(
     if values.size == 0 or not np.isfinite(values).all():
         raise ValueError(f"grid must hold finite candidate thresholds, got {grid!r}")
 
-    never = {"exit_rate": 0.0, "exit_accuracy": float("nan"), "final_accuracy": float("nan")}
+    never = {"exit_rate": 0.0, "exit_f1": float("nan"), "final_f1": float("nan")}
     if F == 0 or K == 0:
         return 0.0, 1.0, never
-    final_correct = ((Pf > thr) == Yb).sum(axis=1).astype(np.float64)  # (F,)
+    final_score = frame_f1(Pf > thr, Yb)  # (F,)
     sorted_exit = np.sort(Pe, axis=1)
     best_key: tuple[float, float, float] | None = None
     best: tuple[float, float, float, float] = (0.0, 1.0, 0.0, 0.0)
@@ -124,20 +133,20 @@ def calibrate_exit(
         # a frame exits at (lo, hi) iff its smallest probability >= lo is above hi
         nxt = np.where(n_below < K, sorted_exit[np.arange(F), np.minimum(n_below, K - 1)], np.inf)
         # when a frame exits, no probability is in [lo, hi], so "p > hi" equals "p >= lo"
-        exit_correct = (below != Yb).sum(axis=1).astype(np.float64)
+        exit_score = frame_f1(~below, Yb)
         his = values[values >= lo]
         exits = nxt[:, None] > his[None, :]  # (F, H)
         n_exit = exits.sum(axis=0)
-        e_sum = exit_correct @ exits
-        f_sum = final_correct @ exits
-        ok = (n_exit > 0) & (e_sum - f_sum >= -tolerance * n_exit * K - 1e-9)
+        e_sum = exit_score @ exits
+        f_sum = final_score @ exits
+        ok = (n_exit > 0) & (e_sum - f_sum >= -tolerance * n_exit - 1e-9)
         for j in np.flatnonzero(ok):
-            margin = (e_sum[j] - f_sum[j]) / (n_exit[j] * K)
+            margin = (e_sum[j] - f_sum[j]) / n_exit[j]
             key = (float(n_exit[j]), float(margin), float(his[j] - lo))
             if best_key is None or key > best_key:
                 best_key = key
-                best = (float(lo), float(his[j]), e_sum[j] / (n_exit[j] * K), f_sum[j] / (n_exit[j] * K))
+                best = (float(lo), float(his[j]), e_sum[j] / n_exit[j], f_sum[j] / n_exit[j])
     if best_key is None:
         return 0.0, 1.0, never
-    lo, hi, exit_acc, final_acc = best
-    return lo, hi, {"exit_rate": best_key[0] / F, "exit_accuracy": exit_acc, "final_accuracy": final_acc}
+    lo, hi, exit_f1, final_f1 = best
+    return lo, hi, {"exit_rate": best_key[0] / F, "exit_f1": exit_f1, "final_f1": final_f1}

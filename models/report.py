@@ -121,9 +121,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Calibration",
         "",
         *_table(
-            ["exit after block", "lo", "hi", "exit rate", "exit accuracy", "final accuracy"],
+            ["exit after block", "lo", "hi", "exit rate", "exit F1 (per frame)", "final F1 (per frame)"],
             [
-                [e["after_block"], e["lo"], e["hi"], e.get("exit_rate"), e.get("exit_accuracy"), e.get("final_accuracy")]
+                [e["after_block"], e["lo"], e["hi"], e.get("exit_rate"), e.get("exit_f1"), e.get("final_f1")]
                 for e in r["calibration"]["exits"]
             ],
         ),

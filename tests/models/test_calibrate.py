@@ -11,6 +11,7 @@ from polymorphd.models.calibrate import (
     class_thresholds,
     exit_decides,
     exit_labels,
+    frame_f1,
 )
 
 
@@ -73,11 +74,20 @@ def _case(flip: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndar
     return P_exit, P_final, Y, np.full(K, 0.5)
 
 
+def _mean_frame_f1(pred: np.ndarray, Y: np.ndarray) -> float:
+    """Mean per-frame F1, written out longhand as the reference for frame_f1."""
+    scores = []
+    for p, y in zip(pred, Y, strict=True):
+        both = int((p & y).sum())
+        scores.append(1.0 if not p.any() and not y.any() else 2 * both / (p.sum() + y.sum()))
+    return float(np.mean(scores))
+
+
 def _accuracies(P_exit, P_final, Y, thr, lo, hi) -> tuple[float, float, float]:
     exits = exit_decides(P_exit, lo, hi)
-    exit_acc = np.mean(exit_labels(P_exit[exits], hi) == Y[exits])
-    final_acc = np.mean((P_final[exits] > thr) == Y[exits])
-    return float(exits.mean()), float(exit_acc), float(final_acc)
+    exit_f1 = _mean_frame_f1(exit_labels(P_exit[exits], hi), Y[exits])
+    final_f1 = _mean_frame_f1(P_final[exits] > thr, Y[exits])
+    return float(exits.mean()), exit_f1, final_f1
 
 
 def test_calibrate_exits_the_confident_half_with_the_widest_band() -> None:
@@ -86,23 +96,38 @@ def test_calibrate_exits_the_confident_half_with_the_widest_band() -> None:
     assert (lo, hi) == (0.03, 0.95)  # just above 0.02 and just below 0.97 on the default grid
     rate, exit_acc, final_acc = _accuracies(P_exit, P_final, Y, thr, lo, hi)
     assert rate == stats["exit_rate"] == 0.5
-    assert exit_acc == stats["exit_accuracy"] == 1.0
-    assert final_acc == stats["final_accuracy"] == 1.0
+    assert exit_acc == stats["exit_f1"] == 1.0
+    assert final_acc == stats["final_f1"] == 1.0
 
 
 def test_calibrate_meets_the_tolerance_and_only_it() -> None:
-    P_exit, P_final, Y, thr = _case(flip=2)  # exit accuracy on the confident half: 1 - 2/500
+    P_exit, P_final, Y, thr = _case(flip=2)  # two confident frames carry one confidently wrong label
+    loose = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.05)
+    rate, exit_f1, final_f1 = _accuracies(P_exit, P_final, Y, thr, *loose[:2])
+    assert rate == loose[2]["exit_rate"] == 0.5  # the whole confident half, wrong frames included
+    assert exit_f1 == pytest.approx(loose[2]["exit_f1"]) and exit_f1 < 1.0
+    assert exit_f1 >= final_f1 - 0.05
+    # no tolerance: only frames whose decisions are all right may leave, so fewer exit
+    strict = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.0)
+    rate, exit_f1, final_f1 = _accuracies(P_exit, P_final, Y, thr, *strict[:2])
+    assert 0.0 < rate == strict[2]["exit_rate"] < 0.5
+    assert exit_f1 == pytest.approx(strict[2]["exit_f1"]) and exit_f1 >= final_f1 - 1e-12
+
+
+def test_an_exit_that_declares_every_frame_empty_is_not_trusted() -> None:
+    """Per-label accuracy would pass it (few labels per frame); per-frame F1 does not."""
+    _, P_final, Y, thr = _case()
+    P_exit = np.full(Y.shape, 0.01)
+    old_rule_accuracy = np.mean(~Y)  # what per-label accuracy would have credited it with
+    assert old_rule_accuracy > 0.6
     lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.01)
-    rate, exit_acc, final_acc = _accuracies(P_exit, P_final, Y, thr, lo, hi)
-    assert rate == stats["exit_rate"] == 0.5
-    assert exit_acc == pytest.approx(0.996) and exit_acc >= final_acc - 0.01
-    # tighter: the wrong labels are confident "present"s, so only frames where the exit sees nothing
-    # present may leave (hi = 1 trusts no "present")
-    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.001)
-    rate, exit_acc, final_acc = _accuracies(P_exit, P_final, Y, thr, lo, hi)
-    assert hi == 1.0 and 0.0 < rate == stats["exit_rate"] < 0.5
-    assert rate == np.mean((P_exit < 0.5).all(axis=1))  # the frames where the exit sees nothing
-    assert exit_acc == stats["exit_accuracy"] == 1.0 >= final_acc - 0.001
+    assert (lo, hi) == (0.0, 1.0) and stats["exit_rate"] == 0.0
+
+
+def test_frame_f1_matches_the_longhand_definition() -> None:
+    rng = np.random.default_rng(3)
+    pred, Y = rng.random((50, 6)) < 0.3, rng.random((50, 6)) < 0.3
+    assert float(frame_f1(pred, Y).mean()) == pytest.approx(_mean_frame_f1(pred, Y))
 
 
 @pytest.mark.parametrize("kind", ["wrong", "shrug"])
@@ -111,7 +136,7 @@ def test_a_useless_exit_never_exits(kind: str) -> None:
     P_exit = np.where(Y, 0.01, 0.99) if kind == "wrong" else np.full(Y.shape, 0.5)
     lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr)
     assert (lo, hi) == (0.0, 1.0)
-    assert stats["exit_rate"] == 0.0 and math.isnan(stats["exit_accuracy"])
+    assert stats["exit_rate"] == 0.0 and math.isnan(stats["exit_f1"])
     assert not exit_decides(P_exit, lo, hi).any()
 
 
