@@ -263,7 +263,8 @@ def test_stream_schema_start_status_and_heartbeats(served: Served, bundles: dict
     )
     gaps_s = [(b["pub_ts"] - a["pub_ts"]) / 1e9 for a, b in itertools.pairwise(statuses)]
     assert max(gaps_s) <= 2.0, f"heartbeat gaps {gaps_s}"
-    assert all(s["state"] == "running" and s["source"]["state"] == "live" for s in statuses[1:])
+    assert all(s["state"] == "running" for s in statuses)
+    assert [s["source"]["state"] for s in statuses][-1] == "live"  # "starting" until the generator is set up
 
     maps = Path(f"/proc/{served.proc.pid}/maps")
     if maps.exists():  # the launcher blocks the import; nothing may have loaded the library another way
