@@ -26,12 +26,12 @@ from polymorphd.models.contexts import cluster_contexts, coverage
 from polymorphd.models.distributed import DistEnv
 from polymorphd.models.errors import ConfigError, DataError
 from polymorphd.models.exits import build_exit
+from polymorphd.models.loop import Ctx, SplitData
 from polymorphd.models.preprocess import InputSpec
 from polymorphd.models.presets import Preset, get_preset
 from polymorphd.models.report import build_report, write_report
 from polymorphd.models.run import read_json, save_torch, write_json
-from polymorphd.models.stages import Ctx, SplitData
-from polymorphd.models.tao import TaoSplit, available_splits, load_images, load_split, split_by_video
+from polymorphd.models.tao import Frame, TaoSplit, available_splits, load_images, load_split, split_by_video
 from polymorphd.models.vit import VisionTransformer
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,33 @@ class TrainResult:
     skipped: list[str] = field(default_factory=list)
 
 
-def _split_data(split: TaoSplit, class_ids: list[int], size: int, progress: bool) -> SplitData:
+def load_boxes(split: TaoSplit, frames: list[Frame], class_ids: list[int], size: int) -> list[np.ndarray]:
+    """Per frame, its annotation boxes as (n, 5) float32 [class column, x0, y0, x1, y1] at ``size`` x ``size``.
+
+    Only copy-paste augmentation uses them, so a box that cannot be read (no bbox, no image size) is left
+    out rather than failing the run; the loader has already validated everything labels depend on.
+    """
+    path = split.root / "annotations" / f"{split.name}.json"
+    doc = read_json(path)
+    column = {cid: k for k, cid in enumerate(class_ids)}
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in doc["images"]}
+    per_image: dict[int, list[list[float]]] = {}
+    for a in doc["annotations"]:
+        bbox, (w, h) = a.get("bbox"), sizes.get(a["image_id"], (None, None))
+        ok = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+        if not ok or not w or not h or a["category_id"] not in column:
+            continue
+        x, y, bw, bh = bbox
+        sx, sy = size / w, size / h
+        per_image.setdefault(a["image_id"], []).append(
+            [column[a["category_id"]], x * sx, y * sy, (x + bw) * sx, (y + bh) * sy]
+        )
+    return [np.asarray(per_image.get(f.image_id, []), dtype=np.float32).reshape(-1, 5) for f in frames]
+
+
+def _split_data(
+    split: TaoSplit, class_ids: list[int], size: int, progress: bool, boxes: bool = False
+) -> SplitData:
     frames = split.annotated_frames()
     if not frames:
         raise DataError(
@@ -74,7 +100,9 @@ def _split_data(split: TaoSplit, class_ids: list[int], size: int, progress: bool
             split.name, len(unknown), sorted(unknown)[:10],
         )  # fmt: skip
     Y = split.multi_hot(frames, class_ids, ignore_unknown=True)
-    return SplitData(split.name, load_images(frames, size, progress=progress), Y, len(split.videos))
+    images = load_images(frames, size, progress=progress)
+    box_list = load_boxes(split, frames, class_ids, size) if boxes else None
+    return SplitData(split.name, images, Y, len(split.videos), box_list)
 
 
 def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = False) -> Dataset:
@@ -103,7 +131,7 @@ def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = Fa
         raise DataError(
             f"{root / 'annotations' / 'train.json'}: 'categories' is empty; there is nothing to learn"
         )
-    sets = {"train": _split_data(train, class_ids, size, progress)}
+    sets = {"train": _split_data(train, class_ids, size, progress, boxes=True)}
     sets["calib"] = _split_data(calib, class_ids, size, progress)
     sets["report"] = (
         _split_data(load_split(root, "test"), class_ids, size, progress) if "test" in found else sets["calib"]
@@ -229,7 +257,7 @@ def train(
         vit.load_state_dict(torch.load(out / "backbone.pt", map_location=env.device, weights_only=True))
 
     def train_exits() -> dict:
-        modules, results = stages.train_exits(vit, data.train, data.report, ctx)
+        modules, results = stages.train_exits(vit, data.train, data.calib, data.report, ctx)
         variants = stages.exit_variants(preset)
         exits[:] = [m for m, (k, c, _) in zip(modules, variants, strict=True) if k == "slvit" and c]
         if env.is_main:
@@ -254,7 +282,7 @@ def train(
         contexts[:] = read_json(out / "contexts.json")["contexts"]
 
     def train_adapters() -> dict:
-        adapters, results = stages.train_adapters(vit, contexts, data.train, data.report, ctx)
+        adapters, results = stages.train_adapters(vit, contexts, data.train, data.calib, data.report, ctx)
         if env.is_main:
             save_torch(out / "adapters.pt", [a.state_dict() for a in adapters])
         return {"adapters": results}

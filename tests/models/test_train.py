@@ -18,13 +18,14 @@ torch = pytest.importorskip("torch")
 
 from polymorphd.daemon.cli import main as cli_main  # noqa: E402
 from polymorphd.models import stages  # noqa: E402
-from polymorphd.models.augment import augment_batch, mixup, to_input  # noqa: E402
+from polymorphd.models.augment import Geometry, augment_batch, augment_geometry, mixup, to_input  # noqa: E402
+from polymorphd.models.boxaug import move_boxes, paste_objects, patch_targets  # noqa: E402
 from polymorphd.models.errors import ConfigError  # noqa: E402
 from polymorphd.models.preprocess import InputSpec, preprocess_batch  # noqa: E402
 from polymorphd.models.presets import PRESETS, Augment, get_preset  # noqa: E402
 from polymorphd.models.run import load_run  # noqa: E402
 from polymorphd.models.synth import SynthConfig, write_dataset  # noqa: E402
-from polymorphd.models.train import STAGES, train  # noqa: E402
+from polymorphd.models.train import STAGES, load_data, train  # noqa: E402
 
 TINY_DATA = SynthConfig(
     num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=12, hubs=1, hub_contexts=2,
@@ -218,13 +219,71 @@ def test_augmentation_is_seeded_and_identity_when_disabled() -> None:
 def test_mixup_blends_inputs_and_soft_targets_alike() -> None:
     x = torch.arange(4.0).view(4, 1) * torch.ones(4, 3)
     y = torch.eye(4)
-    mx, my = mixup(x, y, 0.4, torch.Generator().manual_seed(0))
+    mx, my = mixup(x, y, alpha=0.4, gen=torch.Generator().manual_seed(0))
     # input row i = lam * x[i] + (1 - lam) * x[j]; the targets carry the same weights
     assert torch.allclose(my.sum(1), torch.ones(4))
     assert torch.allclose(mx[:, 0], my @ x[:, 0])
-    same, _ = mixup(x, y, 0.4, torch.Generator().manual_seed(0))
+    same, _ = mixup(x, y, alpha=0.4, gen=torch.Generator().manual_seed(0))
     assert torch.equal(same, mx)
-    assert mixup(x, y, 0.0, torch.Generator())[0] is x
+    assert mixup(x, y, alpha=0.0, gen=torch.Generator())[0] is x
+
+
+def test_copy_paste_moves_an_object_and_its_label() -> None:
+    frames = torch.full((2, 16, 16, 3), 10, dtype=torch.uint8)
+    frames[1] = 20
+    frames[0, 0:8, 0:8] = 50  # class 0 object
+    frames[1, 4:8, 4:8] = 200  # class 1 object
+    y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    boxes = [np.array([[0, 0, 0, 8, 8]], np.float32), np.array([[1, 4, 4, 8, 8]], np.float32)]
+    for seed in range(5):
+        out, y2, b2 = paste_objects(frames, y, boxes, 1.0, torch.Generator().manual_seed(seed))
+        assert (out[0] == 200).all(-1).sum() == 16 and y2[0, 1] == 1  # frame 0 got the 4x4 class-1 object
+        # frame 1 then got one of frame 0's boxes as frame 0 is now: its class-0 object or the pasted one
+        got = (out[1] == 50).all(-1).sum() == 64 and y2[1, 0] == 1
+        assert got or (out[1] == 200).all(-1).sum() >= 16
+        hidden = (out[1, 4:8, 4:8] != 200).all(-1).float().mean() > 0.5
+        assert y2[1, 1] == (0 if hidden else 1)  # a label survives only if its object is still visible
+        assert y2[0, 0] == 1  # 16 of 64 pixels covered: class 0 stays
+        assert sorted(b2[0][:, 0].tolist()) == [0, 1]  # the pasted box joins the frame's boxes
+        r = b2[0][b2[0][:, 0] == 1][0].astype(int)
+        assert (out[0, r[2] : r[4], r[1] : r[3]] == 200).all()
+    assert paste_objects(frames, y, boxes, 0.0, torch.Generator())[0] is frames
+
+
+def test_boxes_follow_the_crop_and_flip_and_lost_objects_lose_their_label() -> None:
+    frames = torch.zeros((1, 32, 32, 3), dtype=torch.uint8)
+    frames[0, 4:12, 20:28] = 255  # one bright object, box x 20..28, y 4..12
+    box = [np.array([[2, 20, 4, 28, 12]], np.float32)]
+    y = torch.tensor([[0.0, 0.0, 1.0]])
+    cfg = Augment(scale=(0.5, 0.9), flip=0.5, brightness=0, contrast=0, saturation=0, channel_shuffle=0)
+    for seed in range(10):
+        out, geom = augment_geometry(frames, cfg, torch.Generator().manual_seed(seed))
+        moved, y2 = move_boxes(box, y, geom, 32)
+        bright = np.argwhere(out[0, :, :, 0].numpy() > 200)  # (row, col) of object pixels
+        if len(moved[0]) == 0:
+            assert y2[0, 2] == 0 and len(bright) < 0.25 * 64 * 4  # cropped away: label gone
+            continue
+        _, x0, y0, x1, y1 = moved[0][0]
+        assert y2[0, 2] == 1
+        assert (bright[:, 1] >= x0 - 1).all() and (bright[:, 1] <= x1).all()
+        assert (bright[:, 0] >= y0 - 1).all() and (bright[:, 0] <= y1).all()
+    flip = Geometry(torch.tensor([-1.0]), torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.0]))
+    assert np.allclose(move_boxes(box, y, flip, 32)[0][0], [[2, 4, 4, 12, 12]])
+
+
+def test_patch_targets_mark_the_patches_a_box_covers() -> None:
+    box = [np.array([[1, 8, 0, 24, 8]], np.float32), np.zeros((0, 5), np.float32)]
+    t = patch_targets(box, 3, 32, 8)  # 4x4 patches, row-major
+    assert t.shape == (2, 16, 3) and t[1].sum() == 0
+    assert t[0, :, 1].nonzero().flatten().tolist() == [1, 2] and t[0].sum() == 2
+
+
+def test_train_boxes_match_the_labels(dataset) -> None:
+    data = load_data(dataset, 32)
+    assert data.train.boxes is not None and len(data.train.boxes) == len(data.train.Y)
+    for b, y in zip(data.train.boxes, data.train.Y, strict=True):
+        assert set(b[:, 0].astype(int)) == set(np.flatnonzero(y))
+        assert (b[:, 1:] >= -1).all() and (b[:, 1:] <= 33).all() and (b[:, 3] > b[:, 1]).all()
 
 
 def test_training_input_is_the_runtime_preprocessing() -> None:
