@@ -18,6 +18,7 @@ compares. Labels are ``probs > class_thresholds``, or ``probs > hi`` when an exi
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,6 +44,17 @@ class Outcome:
     gflops: float
 
 
+def _blas_one_thread() -> contextlib.AbstractContextManager:
+    """numpy's BLAS single-threaded for the merge: OpenBLAS workers spin-wait after a call and stole the CPU
+    from the next ORT run (base shapes: tail_weights 3 ms -> 3-15 ms). threadpoolctl is optional (not a
+    runtime dependency); without it the merge runs as numpy is configured."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
 class MergedTails:
     """The weight-merging baseline's state: merged tail weights for the contexts of the active set."""
 
@@ -64,12 +76,12 @@ class MergedTails:
         """Merge weights for contexts new to the set, drop the others; returns the GFLOPs spent merging."""
         for c in [c for c in self.feeds if c not in chosen]:
             del self.feeds[c]
-        spent = 0.0
-        for c in chosen:
-            if c not in self.feeds:
-                self.feeds[c] = self._merge(c)
-                spent += self.merge_gflops
-        return spent
+        new = [c for c in chosen if c not in self.feeds]
+        if new:
+            with _blas_one_thread():
+                for c in new:
+                    self.feeds[c] = self._merge(c)
+        return len(new) * self.merge_gflops
 
     def _merge(self, c: int) -> dict[str, np.ndarray]:
         feed = {n: self.base[n] for n in self.inputs if n in self.base}
