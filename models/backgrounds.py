@@ -100,10 +100,19 @@ def _procedural_canvas(height: int, width: int, rng: np.random.Generator) -> np.
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def procedural_clip(width: int, height: int, length: int, rng: np.random.Generator) -> Iterator[np.ndarray]:
-    """``length`` frames panning slowly in a straight line across one procedural canvas."""
+def procedural_clip(
+    width: int,
+    height: int,
+    length: int,
+    rng: np.random.Generator,
+    canvas_rng: np.random.Generator | None = None,
+) -> Iterator[np.ndarray]:
+    """``length`` frames panning slowly in a straight line across one procedural canvas.
+
+    ``canvas_rng`` draws the canvas (default ``rng``): seeding it from a small pool makes canvases recur.
+    """
     margin = max(8, max(width, height) // 3)
-    canvas = _procedural_canvas(height + margin, width + margin, rng)
+    canvas = _procedural_canvas(height + margin, width + margin, canvas_rng or rng)
     travel = min(margin, rng.uniform(0.3, 1.0) * 0.6 * length)  # at most ~0.6 px per frame
     ang = rng.uniform(0, 2 * np.pi)
     d = np.array([np.cos(ang), np.sin(ang)]) * travel

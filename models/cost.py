@@ -50,8 +50,16 @@ def block_flops(cfg: ViTConfig, n_tokens: int | None = None) -> int:
 
 
 def embed_flops(cfg: ViTConfig) -> int:
-    """Patch embedding: a strided convolution, one Linear per patch."""
-    return linear_flops(cfg.grid**2, cfg.in_chans * cfg.patch_size**2, cfg.embed_dim)
+    """Patch embedding: a strided convolution (one Linear per patch), or the conv stem's 3x3 stride-2 convs
+    followed by a 1x1 projection (channels as in ``vit.PatchEmbed``)."""
+    if cfg.stem == "patch":
+        return linear_flops(cfg.grid**2, cfg.in_chans * cfg.patch_size**2, cfg.embed_dim)
+    total, ch, side = 0, cfg.in_chans, cfg.img_size
+    for i in range(cfg.patch_size.bit_length() - 1):
+        out, side = min(cfg.embed_dim, 32 * 2**i), (side + 1) // 2
+        total += linear_flops(side * side, ch * 9, out)
+        ch = out
+    return total + linear_flops(cfg.grid**2, ch, cfg.embed_dim)
 
 
 def head_flops(cfg: ViTConfig) -> int:

@@ -70,6 +70,9 @@ class Preset:
     generalist: Schedule
     exits: Schedule
     adapters: Schedule
+    # the ViT's stem (vit.ViTConfig.stem): "conv" learns from few frames; --init-from switches to "patch",
+    # the layout timm and Hugging Face checkpoints have
+    stem: str = "conv"
     exit_width: int = 96
     exit_heads: int = 2
     exit_pool_grid: int = 4
@@ -106,7 +109,7 @@ class Preset:
     def vit_config(self, num_classes: int) -> ViTConfig:
         return ViTConfig(
             img_size=self.img_size, patch_size=self.patch_size, num_classes=num_classes,
-            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads,
+            embed_dim=self.embed_dim, depth=self.depth, num_heads=self.num_heads, stem=self.stem,
         )  # fmt: skip
 
     def exit_configs(self, kind: ExitKind = "slvit") -> list[ExitConfig]:

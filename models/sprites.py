@@ -31,6 +31,7 @@ LETTERS = tuple("ABCDEFGHJKLMNPQRSTUVWXYZ") + tuple("abdefghnqrt")
 GLYPH_NAMES = SHAPES + LETTERS
 MAX_CLASSES = len(FMNIST_NAMES) + 10 + len(GLYPH_NAMES)
 
+GOLDEN, HUE_JITTER = 0.6180339887, 10.0  # class hues spread evenly; jitter in OpenCV hue steps (of 180)
 EXEMPLAR_SIZE = 32  # exemplars are square float32 intensity maps in [0, 1]
 FMNIST_IMAGES = 6000  # read only the head of the file: ~600 exemplars per class is plenty
 GLYPH_VARIANTS = 16
@@ -254,14 +255,32 @@ class SceneObject:
         return self.alpha.shape[0]
 
 
-def make_object(bank: ClassBank, cls: int, track_id: int, size: int, rng: np.random.Generator) -> SceneObject:
-    """A random exemplar of class ``cls`` at ``size`` pixels, in a random bright tint."""
-    ex = bank.exemplars[cls][int(rng.integers(len(bank.exemplars[cls])))]
+def make_object(
+    bank: ClassBank,
+    cls: int,
+    track_id: int,
+    size: int,
+    rng: np.random.Generator,
+    exemplars: int = 0,
+    class_colours: bool = False,
+) -> SceneObject:
+    """A random exemplar of class ``cls`` (among its first ``exemplars``; 0 = all) at ``size`` px, brightly tinted.
+
+    ``class_colours``: the hue is the class's own (spread by the golden ratio) within +-HUE_JITTER, as many
+    real object categories have a typical colour; otherwise any hue.
+    """
+    pool = bank.exemplars[cls]
+    ex = pool[int(rng.integers(min(exemplars, len(pool)) if exemplars else len(pool)))]
     g = cv2.resize(ex, (size, size), interpolation=cv2.INTER_AREA if size < ex.shape[0] else cv2.INTER_LINEAR)
     g = np.pad(np.clip(g, 0, 1), 2)  # room for the halo
     gain, shade = RENDER_STYLE[bank.sources[cls]]
     alpha = np.clip(g * gain, 0, 1)
-    hsv = np.array([[[rng.uniform(0, 180), rng.uniform(40, 230), 255]]], np.uint8)
+    hue = (
+        (cls * GOLDEN * 180 + rng.uniform(-HUE_JITTER, HUE_JITTER)) % 180
+        if class_colours
+        else rng.uniform(0, 180)
+    )
+    hsv = np.array([[[hue, rng.uniform(40, 230), 255]]], np.uint8)
     tint = cv2.cvtColor(hsv, cv2.COLOR_HSV2BGR).reshape(3).astype(np.float32)
     sprite = (tint * (shade + (1 - shade) * g)[..., None]).astype(np.float32)
     halo = cv2.dilate(alpha, np.ones((5, 5), np.uint8))

@@ -13,7 +13,7 @@ import argparse
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -206,6 +206,8 @@ def train(
     """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
     env = env or DistEnv()
     out = Path(out_dir)
+    if init_from and preset.stem != "patch":
+        preset = replace(preset, stem="patch")  # pretrained ViTs come with timm's patch embedding
     t0 = time.perf_counter()
     data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
     load_s = time.perf_counter() - t0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 
@@ -37,12 +38,14 @@ def test_block_formula_matches_the_flop_counter(cfg):
     assert cost.block_flops(cfg, n_tokens=5) == pytest.approx(counted(blk, x[:, :5]), rel=0.03)
 
 
-def test_full_model_and_embedding_match_the_flop_counter():
-    vit = VisionTransformer(TINY, fused_attn=False).eval()
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_full_model_and_embedding_match_the_flop_counter(stem):
+    cfg = dataclasses.replace(TINY, stem=stem)
+    vit = VisionTransformer(cfg, fused_attn=False).eval()
     images = torch.randn(1, 3, 32, 32)
-    assert cost.full_flops(TINY) == pytest.approx(counted(vit, images), rel=0.03)
-    assert cost.embed_flops(TINY) == counted(vit.patch_embed, images)  # a convolution: exact
-    assert cost.head_flops(TINY) == counted(vit.head, torch.randn(1, 48))
+    assert cost.full_flops(cfg) == pytest.approx(counted(vit, images), rel=0.03)
+    assert cost.embed_flops(cfg) == counted(vit.patch_embed, images)  # convolutions: exact
+    assert cost.head_flops(cfg) == counted(vit.head, torch.randn(1, 48))
 
 
 @pytest.mark.parametrize(

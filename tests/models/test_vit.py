@@ -103,3 +103,25 @@ def test_invalid_config_names_the_value(kwargs, message):
 def test_config_geometry():
     assert (TINY.grid, TINY.num_tokens) == (4, 17)
     assert ViTConfig(**TINY.to_dict()) == TINY
+
+
+def test_conv_stem_keeps_the_token_layout_and_seams():
+    cfg = ViTConfig(img_size=32, patch_size=8, num_classes=5, embed_dim=48, depth=2, num_heads=3, stem="conv")
+    vit = VisionTransformer(cfg, fused_attn=False).eval()
+    x = torch.randn(2, 3, 32, 32)
+    tokens = vit.forward_embed(x)
+    assert tokens.shape == (2, cfg.num_tokens, 48)
+    assert torch.allclose(vit(x), vit.forward_head(vit.forward_blocks(tokens, 0, 2)), atol=1e-6)
+    assert [m.out_channels for m in vit.patch_embed.stem if isinstance(m, torch.nn.Conv2d)] == [32, 48, 48]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"stem": "resnet"}, "stem 'resnet' invalid"),
+        ({"stem": "conv", "patch_size": 6, "img_size": 36}, "power-of-two patch_size, got 6"),
+    ],
+)
+def test_stem_validation_names_the_value(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ViTConfig(**kwargs)
