@@ -49,9 +49,9 @@ class Augment:
     brightness: float = 0.25
     contrast: float = 0.25
     saturation: float = 0.25
-    # object tints and backgrounds are random in colour, so swapping colour channels keeps every label and
-    # stops the network from keying on a video's colours instead of its objects
-    channel_shuffle: float = 0.5
+    # swapping colour channels stops a network keying on colours; off by default because colour is a
+    # legitimate cue here (each synthetic class has a typical hue, as many real objects do)
+    channel_shuffle: float = 0.0
     mixup_alpha: float = 0.2  # mixup (Zhang et al. 2018) with soft multi-label targets; 0 disables
     # copy-paste: share of frames that get one annotated object box from another frame of the batch. Scenes
     # keep their classes for a whole video, so without it a small model learns "this scene -> these labels"
@@ -86,7 +86,7 @@ class Preset:
     # token labelling: weight of the per-patch BCE (patch tokens through the shared head) beside the class
     # token's; needs annotation boxes, 0 disables
     token_loss_weight: float = 0.5
-    negative_ratio: float = 1.0  # adapter training: other frames per context frame, as negatives
+    negative_ratio: float = 0.5  # adapter training: other frames per context frame, as negatives
     max_context_size: int = 8
     exit_tolerance: float = 0.01
     augment: Augment = field(default_factory=Augment)
@@ -150,9 +150,9 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
         # this synthetic data holds few object instances per class: validation mAP peaks within ~10 epochs
-        generalist=Schedule(epochs=10, lr=5e-4, batch_size=32),
+        generalist=Schedule(epochs=12, lr=1e-3, batch_size=32),
         exits=Schedule(epochs=6, lr=1e-3, batch_size=64),
-        adapters=Schedule(epochs=4, lr=1e-3, batch_size=32, weight_decay=0.01),
+        adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
         exit_width=96, exit_pool_grid=4, exit_mlp_hidden=256,
     ),
     "base": Preset(
