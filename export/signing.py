@@ -33,6 +33,7 @@ def generate_keypair(path: str | Path) -> tuple[Path, Path]:
             raise ConfigError(
                 f"key file {p} already exists: refusing to overwrite a key; choose another --out"
             )
+    priv.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     key = Ed25519PrivateKey.generate()
     pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()

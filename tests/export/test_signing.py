@@ -19,6 +19,12 @@ def test_keygen_writes_private_0600_and_public(tmp_path, capsys):
     assert "k.pub" in capsys.readouterr().out
 
 
+def test_keygen_creates_the_key_directory(tmp_path):
+    assert main(["keygen", "--out", str(tmp_path / "keys" / "bundle.key")]) == 0
+    assert (tmp_path / "keys" / "bundle.key.pub").exists()
+    assert stat.S_IMODE((tmp_path / "keys").stat().st_mode) == 0o700
+
+
 def test_keygen_refuses_to_overwrite(tmp_path):
     generate_keypair(tmp_path / "k")
     with pytest.raises(ConfigError, match="already exists: refusing to overwrite"):
