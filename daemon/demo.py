@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 DATA_SEED = 0  # the dataset's seed fixes its classes and context groups: the live camera must use the same
 STREAM_SEED = 1000  # ...but show videos the model never trained on
 READY_TIMEOUT_S = 120.0
+# per process: ports are picked free, then bound by the child, so two demos on one machine could meet in between
+CAMERA = f"demo-{os.getpid()}"
 
 
 def cache_dir(arg: str | None) -> Path:
@@ -137,7 +139,11 @@ def watch(
     sock = ctx.socket(zmq.SUB)
     sock.linger = 0
     sock.connect(endpoint)
-    sock.setsockopt(zmq.SUBSCRIBE, b"")
+    for topic in (
+        f"labels/{CAMERA}",
+        f"status/{CAMERA}",
+    ):  # only our daemon's camera, never a stray publisher
+        sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
     acc, classes = Accuracy(), {}
     started = time.monotonic()
     deadline = None
@@ -186,7 +192,7 @@ def cli_demo(args: argparse.Namespace) -> int:
     pub, ctl = free_tcp_endpoint(), free_tcp_endpoint()
     source = f"synthetic:?seed={DATA_SEED}&stream_seed={STREAM_SEED}"
     cmd = [sys.executable, "-m", "polymorphd.daemon.cli", "serve", "--bundle", str(bundle), "--source", source,
-           "--pub", pub, "--ctl", ctl, "--camera", "demo", "--fps", str(args.fps)]  # fmt: skip
+           "--pub", pub, "--ctl", ctl, "--camera", CAMERA, "--fps", str(args.fps)]  # fmt: skip
     print(f"serving {bundle} on {source} at {args.fps:g} fps", file=out)
     print(f"  label stream: polymorphd subscribe --endpoint {pub}", file=out)
     print(f"  control:      polymorphd ctl --endpoint {ctl} stats", file=out)
