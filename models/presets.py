@@ -83,6 +83,9 @@ class Preset:
     # copycat loss = label_weight * BCE(labels) + distill_weight * BCE(final classifier's probabilities)
     copycat_label_weight: float = 0.5
     copycat_distill_weight: float = 0.5
+    # distillation temperature (Hinton et al. 2015): BCE of logits / T against sigmoid(final logits / T),
+    # times T^2; T > 1 passes on how sure the final classifier is, not just its decision
+    copycat_temperature: float = 2.0
     # token labelling: weight of the per-patch BCE (patch tokens through the shared head) beside the class
     # token's; needs annotation boxes, 0 disables
     token_loss_weight: float = 0.5
@@ -151,7 +154,7 @@ PRESETS: dict[str, Preset] = {
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
         # this synthetic data holds few object instances per class: validation mAP peaks within ~10 epochs
         generalist=Schedule(epochs=12, lr=1e-3, batch_size=32),
-        exits=Schedule(epochs=6, lr=1e-3, batch_size=64),
+        exits=Schedule(epochs=12, lr=1e-3, batch_size=64),
         adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
         exit_width=96, exit_pool_grid=4, exit_mlp_hidden=256,
     ),

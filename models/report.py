@@ -82,7 +82,7 @@ def _f(x: Any, digits: int = 4) -> str:
     if x is None:
         return "n/a"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:.3g}" if 0 < abs(x) < 0.01 else f"{x:.{digits}f}"
     return str(x)
 
 
@@ -94,6 +94,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def render_markdown(r: dict[str, Any]) -> str:
     s = r["splits"]
+    # calibrate_exit's statistics (exit rate and its quality measure), whatever it reports
+    stat_keys = sorted({k for e in r["calibration"]["exits"] for k in e} - {"after_block", "lo", "hi"})
     lines = [
         f"# Training report: preset `{r['preset']}`",
         "",
@@ -106,26 +108,27 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Generalist",
         "",
         *_table(
-            ["mAP (report)", "mAP (calibration)", "epochs", "final loss"],
-            [[r["generalist"].get(k) for k in ("map", "map_calibration", "epochs", "final_loss")]],
+            ["mAP (report)", "mAP (calibration)", "epochs", "best epoch (calibration mAP)"],
+            [[r["generalist"].get(k) for k in ("map", "map_calibration", "epochs", "best_epoch")]],
         ),
         "## Exits (backbone frozen)",
         "",
         f"Copycat: {r['copycat']['loss']} with label_weight {r['copycat']['label_weight']}, "
-        f"distill_weight {r['copycat']['distill_weight']}. Deployed: SL-ViT with copycat.",
+        f"distill_weight {r['copycat']['distill_weight']}. Deployed: SL-ViT with copycat. Every variant keeps "
+        "its best epoch by calibration-split mAP.",
         "",
         *_table(
-            ["after block", "kind", "copycat", "mAP", "GFLOPs", "params"],
-            [[e["after_block"], e["kind"], e["copycat"], e["map"], e["gflops"], e["params"]] for e in r["exits"]],
+            ["after block", "kind", "copycat", "mAP", "mAP (calibration)", "GFLOPs", "params"],
+            [
+                [e["after_block"], e["kind"], e["copycat"], e["map"], e.get("map_calibration"), e["gflops"], e["params"]]
+                for e in r["exits"]
+            ],
         ),
         "## Calibration",
         "",
         *_table(
-            ["exit after block", "lo", "hi", "exit rate", "exit F1 (per frame)", "final F1 (per frame)"],
-            [
-                [e["after_block"], e["lo"], e["hi"], e.get("exit_rate"), e.get("exit_f1"), e.get("final_f1")]
-                for e in r["calibration"]["exits"]
-            ],
+            ["exit after block", "lo", "hi", *stat_keys],
+            [[e["after_block"], e["lo"], e["hi"], *(e.get(k) for k in stat_keys)] for e in r["calibration"]["exits"]],
         ),
         "## Contexts and adapters",
         "",
