@@ -164,9 +164,8 @@ def train_exits(
         loss = 0.0
         for (_, copycat, _), logits in zip(variants, outs, strict=True):
             label = F.binary_cross_entropy_with_logits(logits, y)
-            loss = loss + (
-                wl * label + wd * F.binary_cross_entropy_with_logits(logits, t) if copycat else label
-            )
+            distill = F.binary_cross_entropy_with_logits(logits / temp, t) if copycat else 0.0
+            loss = loss + (wl * label + wd * distill if copycat else label)
         return loss / len(variants)
 
     fit(list(bank.named_parameters()), len(Y), step, p.exits, ctx, "exits")
