@@ -65,7 +65,8 @@ def build_report(
         "copycat": {
             "label_weight": preset.copycat_label_weight,
             "distill_weight": preset.copycat_distill_weight,
-            "loss": "label_weight * BCE(logits, labels) + distill_weight * BCE(logits, sigmoid(final logits))",
+            "temperature": preset.copycat_temperature,
+            "loss": "label_weight * BCE(z, labels) + distill_weight * T^2 * BCE(z / T, sigmoid(z_final / T))",
         },
         "contexts": res.get("contexts", {}).get("contexts", []),
         "coverage": res.get("contexts", {}).get("coverage", {}),
@@ -114,8 +115,9 @@ def render_markdown(r: dict[str, Any]) -> str:
         "## Exits (backbone frozen)",
         "",
         f"Copycat: {r['copycat']['loss']} with label_weight {r['copycat']['label_weight']}, "
-        f"distill_weight {r['copycat']['distill_weight']}. Deployed: SL-ViT with copycat. Every variant keeps "
-        "its best epoch by calibration-split mAP.",
+        f"distill_weight {r['copycat']['distill_weight']}, T {r['copycat']['temperature']} (z: exit logits, "
+        "z_final: the frozen generalist's). Deployed: SL-ViT with copycat. Every variant trains the same "
+        "fixed epochs on the same cached trunk tokens.",
         "",
         *_table(
             ["after block", "kind", "copycat", "mAP", "mAP (calibration)", "GFLOPs", "params"],
@@ -145,7 +147,7 @@ def render_markdown(r: dict[str, Any]) -> str:
         *_table(list(r["params"]), [list(r["params"].values())]),
         "## Wall time (seconds)",
         "",
-        *_table(list(r["timings"]), [list(r["timings"].values())]),
+        *_table(list(r["timings"]), [[f"{v:.1f}" for v in r["timings"].values()]]),
     ]  # fmt: skip
     return "\n".join(lines)
 

@@ -306,3 +306,21 @@ def test_torchrun_two_ranks_train_one_run(dataset, tmp_path) -> None:
     rep = json.loads((out / "report.json").read_text())
     assert rep["world_size"] == 2 and len(rep["exits"]) == 8
     assert len(load_run(out).adapters) == len(rep["contexts"])
+
+
+def test_init_from_a_checkpoint_starts_the_generalist_from_its_weights(dataset, tmp_path) -> None:
+    from dataclasses import replace as dc_replace
+
+    from polymorphd.models.checkpoint import save_checkpoint
+    from polymorphd.models.vit import VisionTransformer
+
+    preset = get_preset("tiny", epochs=1)
+    torch.manual_seed(7)
+    src = VisionTransformer(dc_replace(preset, stem="patch").vit_config(5))  # another class count: new head
+    save_checkpoint(tmp_path / "ck.pt", src)
+    res = train(dataset, tmp_path / "run", preset, init_from=str(tmp_path / "ck.pt"), progress=False)
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["vit"]["stem"] == "patch" and cfg["init_from"] == str(tmp_path / "ck.pt")
+    notes = json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]["generalist"]["result"]
+    assert any("head re-initialised" in n for n in notes["init_notes"])
+    assert res.ran == list(STAGES)
