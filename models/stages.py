@@ -2,8 +2,8 @@
 
 Each stage takes live modules and preloaded frames, trains, evaluates on the
 report split and returns JSON-ready numbers; ``models/train.py`` orders them,
-saves their outputs and makes them resumable. The frozen-backbone stages run the
-trunk once per batch (exits) or once over the data (adapters' cached tokens).
+saves their outputs and makes them resumable. The frozen-backbone stages (exits,
+adapters) run the trunk once over the data and train on the cached tokens.
 """
 
 from __future__ import annotations
