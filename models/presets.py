@@ -74,6 +74,8 @@ class Preset:
     # the layout timm and Hugging Face checkpoints have
     stem: str = "conv"
     exit_width: int = 96
+    # augmented copies of every training frame the exits train on beside the clean one (stages.exit_training_set)
+    exit_views: int = 8
     exit_heads: int = 2
     exit_pool_grid: int = 4
     exit_mlp_hidden: int = 256
@@ -103,6 +105,8 @@ class Preset:
             self.lora_config()
         except ValueError as exc:
             raise ConfigError(f"preset {self.name!r} is inconsistent: {exc}") from exc
+        if self.exit_views < 0:
+            raise ConfigError(f"preset {self.name!r}: exit_views must be >= 0, got {self.exit_views}")
         if self.lora_last_blocks > self.depth - max(self.exit_after, default=0):
             raise ConfigError(
                 f"preset {self.name!r}: LoRA on the last {self.lora_last_blocks} blocks overlaps the exit "
@@ -148,22 +152,22 @@ PRESETS: dict[str, Preset] = {
         generalist=Schedule(epochs=2, lr=2e-3, batch_size=32),
         exits=Schedule(epochs=2, lr=2e-3, batch_size=32),
         adapters=Schedule(epochs=1, lr=2e-3, batch_size=32),
-        exit_width=24, exit_pool_grid=2, exit_mlp_hidden=48, lora_rank=2, lora_alpha=4.0,
+        exit_width=24, exit_pool_grid=2, exit_mlp_hidden=48, exit_views=1, lora_rank=2, lora_alpha=4.0,
     ),
     "small": Preset(
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
         # the default synthetic dataset trains in ~3 min on 2 cores; the best epoch by calibration mAP is kept
         generalist=Schedule(epochs=12, lr=1e-3, batch_size=32),
-        exits=Schedule(epochs=12, lr=1e-3, batch_size=64),
+        exits=Schedule(epochs=8, lr=1e-3, batch_size=64),
         adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
-        exit_width=96, exit_pool_grid=4, exit_mlp_hidden=256,
+        exit_width=112, exit_pool_grid=4, exit_mlp_hidden=256,
     ),
     "base": Preset(
         name="base", img_size=64, patch_size=8, embed_dim=192, depth=9, num_heads=3, exit_after=(3, 6),
         generalist=Schedule(epochs=24, lr=7e-4, batch_size=32),
-        exits=Schedule(epochs=12, lr=1e-3, batch_size=64),
+        exits=Schedule(epochs=8, lr=1e-3, batch_size=64),
         adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
-        exit_width=128, exit_pool_grid=4, exit_mlp_hidden=384, lora_last_blocks=3, lora_rank=8, lora_alpha=16.0,
+        exit_width=160, exit_pool_grid=4, exit_mlp_hidden=384, lora_last_blocks=3, lora_rank=8, lora_alpha=16.0,
     ),
 }
 # fmt: on

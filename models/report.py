@@ -66,6 +66,7 @@ def build_report(
             "label_weight": preset.copycat_label_weight,
             "distill_weight": preset.copycat_distill_weight,
             "temperature": preset.copycat_temperature,
+            "augmented_views": preset.exit_views,
             "loss": "label_weight * BCE(z, labels) + distill_weight * T^2 * BCE(z / T, sigmoid(z_final / T))",
         },
         "contexts": res.get("contexts", {}).get("contexts", []),
@@ -117,7 +118,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"Copycat: {r['copycat']['loss']} with label_weight {r['copycat']['label_weight']}, "
         f"distill_weight {r['copycat']['distill_weight']}, T {r['copycat']['temperature']} (z: exit logits, "
         "z_final: the frozen generalist's). Deployed: SL-ViT with copycat. Every variant trains the same "
-        "fixed epochs on the same cached trunk tokens.",
+        f"fixed epochs on the same cached trunk tokens: the clean training frames and "
+        f"{r['copycat']['augmented_views']} augmented views of each, with the generalist's answer on every view.",
         "",
         *_table(
             ["after block", "kind", "copycat", "mAP", "mAP (calibration)", "GFLOPs", "params"],

@@ -23,6 +23,7 @@ from polymorphd.models.cost import count_params, exit_flops, gflops
 from polymorphd.models.distributed import wrap
 from polymorphd.models.exits import build_exit
 from polymorphd.models.loop import (
+    EVAL_BATCH,
     Batches,
     Ctx,
     KeepBest,
@@ -33,6 +34,7 @@ from polymorphd.models.loop import (
     jsonable,
     predict,
     stage_bar,
+    trunk_pass,
 )
 from polymorphd.models.lora import ContextAdapter, adapter_logits, tail_start
 from polymorphd.models.metrics import mean_average_precision
@@ -130,31 +132,75 @@ def exit_variants(preset: Preset) -> list[tuple[str, bool, int]]:
     return [(k, c, b) for b in preset.exit_after for k in ("slvit", "mlp") for c in (True, False)]
 
 
+# cached exit training views are capped at this many bytes of tokens; fewer views are made beyond it
+EXIT_CACHE_BYTES = 4 << 30
+
+
+@torch.no_grad()
+def exit_training_set(
+    vit: VisionTransformer, train: SplitData, ctx: Ctx, positions: Sequence[int]
+) -> tuple[dict[int, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Frozen-trunk tokens at ``positions``, targets and the generalist's probabilities for the exit stage.
+
+    The clean training frames plus ``preset.exit_views`` augmented copies of each (the generalist's
+    augmentation: copy-paste, crop, flip, colour, mixup), each with the teacher's probabilities on that very
+    view: copycat gets a teacher answer on frames the labels never covered. Capped at ``EXIT_CACHE_BYTES``.
+    """
+    tokens, teacher = frozen_features(vit, train.images, ctx, positions, final=True)
+    n, per_view = len(train.Y), sum(t[0].numel() * t.element_size() for t in tokens.values())
+    views = min(ctx.preset.exit_views, max(0, EXIT_CACHE_BYTES // max(1, n * per_view) - 1))
+    if views < ctx.preset.exit_views:
+        log.warning(
+            "exits: %d augmented views of %d frames would exceed %.1f GiB of cached tokens; using %d",
+            ctx.preset.exit_views, n, EXIT_CACHE_BYTES / 2**30, views,
+        )  # fmt: skip
+    feats = {b: [t] for b, t in tokens.items()}
+    ys, teachers = (
+        [torch.from_numpy(train.Y).float().to(ctx.device)],
+        [torch.from_numpy(teacher).to(ctx.device)],
+    )
+    batches = Batches(train, ctx, seed=ctx.seed * 7919 + 13 + ctx.env.rank)
+    bar = stage_bar("exit views", ctx)
+    bar.total = views * math.ceil(n / EVAL_BATCH)
+    vit.eval()
+    for _ in range(views):
+        for i in range(0, n, EVAL_BATCH):
+            x, y, _ = batches(torch.arange(i, min(n, i + EVAL_BATCH)))
+            toks, logits = trunk_pass(vit, x, positions, final=True)
+            for b in positions:
+                feats[b].append(toks[b])
+            ys.append(y)
+            teachers.append(torch.sigmoid(logits))
+            bar.update()
+    bar.close()
+    return {b: torch.cat(v) for b, v in feats.items()}, torch.cat(ys), torch.cat(teachers).float()
+
+
 def train_exits(
     vit: VisionTransformer, train: SplitData, calib: SplitData, report: SplitData, ctx: Ctx
 ) -> tuple[list[nn.Module], list[dict]]:
     """Train all exit variants with the backbone frozen; returns modules and their numbers (variant order).
 
-    The frozen trunk runs ONCE over the training frames: its tokens at every exit position and its final
-    probabilities (the copycat target) are cached, and one pass over the cache trains every variant. Exits
-    see un-augmented frames: re-augmenting for a few epochs left them underfit (train mAP ~0.4) where the
-    cache lets them fit and generalise (measured on the small preset). Every variant trains for the same
-    fixed epochs: picking epochs on the 6-video calibration split added more noise than it removed.
+    The frozen trunk runs once over the training frames and ``exit_views`` augmented views of them
+    (``exit_training_set``), caching its tokens at every exit position and its final probabilities (the
+    copycat target); one pass over the cache trains every variant for the same fixed epochs. Measured on the
+    small preset (3 seeds): the views lift the SL-ViT exit after block 2 from 0.56 to 0.62 test mAP and
+    leave the MLP exit at 0.58; with the clean frames alone both overfit (train mAP 0.9). Picking epochs on
+    the 6-video calibration split added more noise than it removed.
     """
     freeze(vit)
     p = ctx.preset
     positions = list(p.exit_after)
-    tokens, teacher = frozen_features(vit, train.images, ctx, positions, final=True)
+    tokens, Y, teacher = exit_training_set(vit, train, ctx, positions)
     torch.manual_seed(ctx.seed + 1)
     variants = exit_variants(p)
     cfgs = {k: {ec.after_block: ec for ec in p.exit_configs(k)} for k in ("slvit", "mlp")}
     modules = [build_exit(vit.cfg, cfgs[k][b]).to(ctx.device) for k, _, b in variants]
     bank = ExitBank(modules, [b for _, _, b in variants])
     model = wrap(bank, ctx.env)
-    Y = torch.from_numpy(train.Y).float().to(ctx.device)
     temp = p.copycat_temperature
     # teacher targets at temperature: sigmoid(logit(p) / T)
-    T = torch.sigmoid(torch.logit(torch.from_numpy(teacher).double(), eps=1e-7) / temp).float().to(ctx.device)
+    T = torch.sigmoid(torch.logit(teacher.double(), eps=1e-7) / temp).float()
     wl, wd = p.copycat_label_weight, p.copycat_distill_weight * temp**2
 
     def step(idx: torch.Tensor) -> torch.Tensor:
@@ -184,6 +230,7 @@ def train_exits(
                 "after_block": b, "kind": kind, "copycat": copycat, "map": scores[report.name, i],
                 "map_calibration": scores[calib.name, i],
                 "gflops": gflops(exit_flops(vit.cfg, cfgs[kind][b])), "params": count_params(m),
+                "train_samples": len(Y),
             }
         )  # fmt: skip
     return modules, results

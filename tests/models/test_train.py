@@ -89,6 +89,8 @@ def test_report_fields_are_present_and_numeric(run) -> None:
     for e in rep["exits"]:
         assert _numeric(e["map"]) and _numeric(e["gflops"]) and _numeric(e["params"])
         assert e["gflops"] < rep["gflops"]["trunk_block"]  # an exit costs less than one block
+        # the clean training frames plus one augmented view of each (tiny's exit_views)
+        assert e["train_samples"] == 2 * rep["splits"]["train"]["frames"]
     assert rep["contexts"] and all(isinstance(c, list) for c in rep["contexts"])
     assert set(rep["coverage"]) == {"1", "2", "3"} and all(_numeric(v) for v in rep["coverage"].values())
     assert len(rep["adapters"]) == len(rep["contexts"])
@@ -102,6 +104,33 @@ def test_report_fields_are_present_and_numeric(run) -> None:
     assert set(STAGES) <= set(rep["timings"]) and all(_numeric(v) for v in rep["timings"].values())
     md = (out / "report.md").read_text()
     assert "| after block | kind | copycat | mAP |" in md and "## Wall time" in md
+
+
+def test_exit_views_carry_the_teachers_answer_on_each_view_and_respect_the_memory_cap(
+    run, dataset, monkeypatch
+) -> None:
+    from polymorphd.models.distributed import DistEnv
+    from polymorphd.models.loop import Ctx, frozen_features
+
+    r = load_run(run[0])
+    preset = replace(get_preset("tiny"), exit_views=3)
+    data = load_data(dataset, preset.img_size)
+    ctx = Ctx(spec=InputSpec(size=preset.img_size), preset=preset, env=DistEnv(), seed=0, progress=False)
+    n = len(data.train.Y)
+    tokens, Y, teacher = stages.exit_training_set(r.vit, data.train, ctx, [1, 2])
+    assert len(Y) == len(teacher) == 4 * n and {b: len(t) for b, t in tokens.items()} == {1: 4 * n, 2: 4 * n}
+    clean, final = frozen_features(r.vit, data.train.images, ctx, [1], final=True)
+    assert torch.equal(tokens[1][:n], clean[1]) and np.allclose(teacher[:n].numpy(), final)
+    assert torch.equal(Y[:n], torch.from_numpy(data.train.Y).float())
+    # augmented views differ from the clean frames, and the teacher answers each view
+    assert not torch.allclose(tokens[1][n : 2 * n], clean[1])
+    logits = r.vit.forward_head(r.vit.forward_blocks(tokens[2][n:], 2, preset.depth))
+    assert torch.allclose(teacher[n:], torch.sigmoid(logits), atol=1e-5)
+    # room for the clean frames and one view only: the views are cut, not the memory budget
+    per_frame = sum(t[0].numel() * t.element_size() for t in clean.values()) * 2  # two positions
+    monkeypatch.setattr(stages, "EXIT_CACHE_BYTES", 2 * n * per_frame)
+    _, Y, _ = stages.exit_training_set(r.vit, data.train, ctx, [1, 2])
+    assert len(Y) == 2 * n
 
 
 def test_resume_skips_finished_stages(run, dataset: Path) -> None:
