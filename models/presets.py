@@ -158,9 +158,9 @@ PRESETS: dict[str, Preset] = {
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
         # the default synthetic dataset trains in ~3 min on 2 cores; the best epoch by calibration mAP is kept
         generalist=Schedule(epochs=12, lr=1e-3, batch_size=32),
-        exits=Schedule(epochs=8, lr=1e-3, batch_size=64),
+        exits=Schedule(epochs=6, lr=1e-3, batch_size=64),
         adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
-        exit_width=112, exit_pool_grid=4, exit_mlp_hidden=256,
+        exit_width=112, exit_pool_grid=4, exit_mlp_hidden=256, exit_views=6,
     ),
     "base": Preset(
         name="base", img_size=64, patch_size=8, embed_dim=192, depth=9, num_heads=3, exit_after=(3, 6),

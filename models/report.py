@@ -97,7 +97,9 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 def render_markdown(r: dict[str, Any]) -> str:
     s = r["splits"]
     # calibrate_exit's statistics (exit rate and its quality measure), whatever it reports
-    stat_keys = sorted({k for e in r["calibration"]["exits"] for k in e} - {"after_block", "lo", "hi"})
+    stat_keys = sorted(
+        {k for e in r["calibration"]["exits"] for k in e} - {"after_block", "lo", "hi", "logit_offsets"}
+    )
     lines = [
         f"# Training report: preset `{r['preset']}`",
         "",

@@ -8,7 +8,8 @@ RUN/
   exits.pt           [state dict] per deployed exit, same order as config["exits"]
   contexts.json      {"contexts": [[class indices]], "coverage": {"1": .., "2": .., "3": ..}}
   adapters.pt        [state dict] per context (ContextAdapter), same order as contexts
-  calibration.json   {"class_thresholds": [K floats], "exits": [{"lo": .., "hi": ..}], "policy": {...}}
+  calibration.json   {"class_thresholds": [K floats], "exits": [{"lo": .., "hi": .., "logit_offsets": [K]}],
+                      "policy": {...}}; load_run folds each exit's logit_offsets into its head bias
   report.json, report.md
   stages.json        completed stages, so an interrupted run resumes where it stopped
 ```
@@ -102,10 +103,21 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
         raise CheckpointError(
             f"{path / 'exits.pt'} holds {len(exit_states)} exits, config.json lists {len(exit_cfgs)}"
         )
+    calibration = read_json(path / "calibration.json")
+    cal_exits = calibration.get("exits", [])
     exits = []
-    for ec, st in zip(exit_cfgs, exit_states, strict=True):
+    for i, (ec, st) in enumerate(zip(exit_cfgs, exit_states, strict=True)):
         m = build_exit(vit_cfg, ec, fused_attn=fused_attn)
         m.load_state_dict(st)
+        offsets = cal_exits[i].get("logit_offsets") if i < len(cal_exits) else None
+        if offsets is not None:  # the deployed exit is the calibrated one: class thresholds centred at 0.5
+            if len(offsets) != vit_cfg.num_classes:
+                raise CheckpointError(
+                    f"{path / 'calibration.json'}: exit {i} has {len(offsets)} logit_offsets for "
+                    f"{vit_cfg.num_classes} classes"
+                )
+            with torch.no_grad():
+                m.head.bias.sub_(torch.tensor(offsets, dtype=m.head.bias.dtype))
         exits.append(m.eval())
     contexts = read_json(path / "contexts.json")["contexts"]
     adapter_states = _load_state(path / "adapters.pt")
@@ -128,7 +140,7 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
         lora=lora_cfg,
         contexts=contexts,
         adapters=adapters,
-        calibration=read_json(path / "calibration.json"),
+        calibration=calibration,
         report=read_json(report_path) if report_path.exists() else {},
     )
 

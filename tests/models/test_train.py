@@ -133,6 +133,27 @@ def test_exit_views_carry_the_teachers_answer_on_each_view_and_respect_the_memor
     assert len(Y) == 2 * n
 
 
+def test_deployed_exits_are_centred_on_their_own_class_thresholds(run, dataset) -> None:
+    from polymorphd.models.exits import build_exit
+
+    out, _ = run
+    r = load_run(out)
+    raw_states = torch.load(out / "exits.pt", weights_only=True)
+    x = torch.randn(5, r.vit.cfg.num_tokens, r.vit.cfg.embed_dim)
+    for i, (ec, m) in enumerate(zip(r.exit_configs, r.exits, strict=True)):
+        offsets = r.calibration["exits"][i]["logit_offsets"]
+        assert len(offsets) == TINY_DATA.num_classes
+        raw = build_exit(r.vit.cfg, ec).eval()
+        raw.load_state_dict(raw_states[i])
+        with torch.no_grad():
+            assert torch.allclose(m(x), raw(x) - torch.tensor(offsets), atol=1e-5)
+    # centring moves each class's threshold t to p = 0.5
+    t = np.array([0.05, 0.3, 0.5, 0.9])
+    p = np.array([[0.04, 0.31, 0.49, 0.95], [0.06, 0.29, 0.51, 0.85]])
+    centred = 1 / (1 + np.exp(stages.logit_offsets(t) - np.log(p / (1 - p))))
+    assert ((centred > 0.5) == (p > t)).all()
+
+
 def test_resume_skips_finished_stages(run, dataset: Path) -> None:
     out, _ = run
     before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
