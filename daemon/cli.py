@@ -31,6 +31,9 @@ HANDLERS = {
 }
 
 MODES = ("full", "early-exit", "polymorph", "switching", "merged")
+KNOB_HELP = (
+    "an engine knob as for 'ctl set' (repeatable), e.g. --set 'exit_thresholds=[[0,1],[0,1]]' (no exits)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the full report as JSON here")
     ev.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ev.add_argument("--max-frames", type=int, default=None, help="stop after this many frames per mode")
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)
 
     be = sub.add_parser("bench", help="all modes side by side: table and plots")
     be.add_argument("--bundle", required=True)
@@ -106,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--split", default="validation")
     be.add_argument("--threads", type=int, default=2)
     be.add_argument("--max-frames", type=int, default=None)
+    be.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)
 
     sv = sub.add_parser("serve", help="run the daemon")
     sv.add_argument("--config", default=None, help="YAML or JSON config file")

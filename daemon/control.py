@@ -131,6 +131,20 @@ class ControlServer:
             self._sock.send(json.dumps(reply, default=str).encode())
 
 
+def parse_knobs(words: list[str], what: str) -> dict[str, Any]:
+    """``KEY=VALUE`` words -> knobs; a VALUE that parses as JSON is taken as JSON (numbers, lists), else text."""
+    knobs: dict[str, Any] = {}
+    for w in words:
+        key, sep, value = w.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{what}: {w!r} is not KEY=VALUE")
+        try:
+            knobs[key] = json.loads(value)
+        except json.JSONDecodeError:
+            knobs[key] = value
+    return knobs
+
+
 def _request_from_args(cmd: str, words: list[str]) -> dict[str, Any]:
     if cmd == "load":
         if len(words) != 1:
@@ -141,16 +155,7 @@ def _request_from_args(cmd: str, words: list[str]) -> dict[str, Any]:
     if cmd == "set":
         if not words:
             raise ConfigError("ctl set needs KEY=VALUE arguments, e.g. ctl set max_adapters=1")
-        req: dict[str, Any] = {"cmd": "set"}
-        for w in words:
-            key, sep, value = w.partition("=")
-            if not sep or not key:
-                raise ConfigError(f"ctl set: {w!r} is not KEY=VALUE")
-            try:
-                req[key] = json.loads(value)
-            except json.JSONDecodeError:
-                req[key] = value
-        return req
+        return {"cmd": "set", **parse_knobs(words, "ctl set")}
     if words:
         raise ConfigError(f"ctl {cmd} takes no arguments, got {words}")
     return {"cmd": cmd}

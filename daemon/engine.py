@@ -154,7 +154,10 @@ class Engine:
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{adapters_root}: manifest policy {known} is invalid: {exc}") from exc
         policy = ContextPolicy(self.contexts, k, self._policy_cfg)
-        self._pipe = Pipeline(trunk, self.bank, policy, class_thr, lo, hi, base.get("gflops", {}), None)
+        centred = [bool(e.get("centred", False)) for e in exits]
+        self._pipe = Pipeline(
+            trunk, self.bank, policy, class_thr, lo, hi, base.get("gflops", {}), None, centred
+        )
         self._mode: str = "polymorph"
         self._overrides: dict[str, Any] = {}
         self._clock = Clock()

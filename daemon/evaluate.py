@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from polymorphd.daemon.control import parse_knobs
 from polymorphd.daemon.engine import MODES, Engine, load_engine
 from polymorphd.models.errors import ConfigError, DataError
 from polymorphd.models.metrics import mean_average_precision
@@ -264,17 +265,23 @@ def format_footer(report: dict[str, Any]) -> str:
         f"{', '.join(report['providers'])}\n"
         f"engine overhead outside ORT, median ms: {over}\n"
         f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}"
+        + (f"\nknobs set: {json.dumps(report['knobs'])}" if report.get("knobs") else "")
     )
 
 
 def run_eval(args: argparse.Namespace, modes: list[str]) -> EvalResult:
     """Load the engine and the split named by ``args`` and evaluate (shared by eval and bench)."""
+    knobs = parse_knobs(getattr(args, "set", None) or [], "--set")
     engine = load_engine(args.bundle, mode=modes[0], threads=args.threads)
     try:
+        if knobs:
+            engine.set_knobs(**knobs)
         split = load_split(args.data, args.split, include_unannotated=True)
-        return evaluate(engine, split, modes, max_frames=args.max_frames, progress=True)
+        result = evaluate(engine, split, modes, max_frames=args.max_frames, progress=True)
     finally:
         engine.close()
+    result.report["knobs"] = knobs
+    return result
 
 
 def write_json(path: str | Path, report: dict[str, Any]) -> None:

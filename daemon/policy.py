@@ -110,7 +110,7 @@ class ContextPolicy:
         return p
 
     def select(self, state: PolicyState, exit_probs: np.ndarray) -> list[int]:
-        """Context indices to run for this frame (at most cfg.max_adapters), most useful first.
+        """Context indices to run for this frame (at most cfg.max_adapters, the most useful), ascending.
 
         Widens on the refresh_every-th, 2*refresh_every-th, ... call since the state was made or reset,
         and on a surprise (the first frame with anything likely counts as one: nothing was seen before).
@@ -138,7 +138,8 @@ class ContextPolicy:
         weights = {
             c: v + (1.0 if c in recent else 0.0) for c, v in zip(order, p[order].tolist(), strict=True)
         }
-        return self.index.cover(likely, max_sets=cfg.max_adapters, weights=weights)
+        # in index order: the same set is the same tuple, so its stacked adapter feed is reused
+        return sorted(self.index.cover(likely, max_sets=cfg.max_adapters, weights=weights))
 
     def merge(self, exit_probs: np.ndarray, adapter_probs: np.ndarray, chosen: Sequence[int]) -> np.ndarray:
         """(K,) scores: each class covered by the chosen contexts gets the mean of their adapters' scores,

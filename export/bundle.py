@@ -248,7 +248,11 @@ def _manifest(
         ],
         exits=[
             ExitEntry(
-                ec.after_block, f"exit_{i}.onnx", {"lo": float(th["lo"]), "hi": float(th["hi"])}, ec.kind
+                ec.after_block,
+                f"exit_{i}.onnx",
+                {"lo": float(th["lo"]), "hi": float(th["hi"])},
+                ec.kind,
+                centred="logit_offsets" in th,
             )
             for i, (ec, th) in enumerate(zip(run.exit_configs, cal_exits, strict=True))
         ]

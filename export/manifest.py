@@ -39,6 +39,9 @@ class ExitEntry:
     file: str
     threshold: dict[str, float]  # {"lo": .., "hi": ..}
     kind: str = "slvit"
+    # logits centred on the exit's own per-class thresholds (p = 0.5 at each); the engine maps its scores onto
+    # the final classifier's scale before publishing them
+    centred: bool = False
 
 
 @dataclass

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+CLASS_THRESHOLDS = [0.3 + 0.04 * i for i in range(10)]
+
 
 def make_tiny_run(path: Path, seed: int = 0) -> Path:
     """A complete run directory with random (not trained) tiny modules; LoRA B is non-zero so adapters matter."""
@@ -49,9 +51,13 @@ def make_tiny_run(path: Path, seed: int = 0) -> Path:
         "classes": [f"class{i}" for i in range(10)],
         "class_ids": [1000 + 7 * i for i in range(10)],
     }
+    # calibrated like a trained run: per-class thresholds, exits centred on their own (logit_offsets)
     calibration = {
-        "class_thresholds": [0.5] * 10,
-        "exits": [{"lo": 0.1, "hi": 0.9}, {"lo": 0.1, "hi": 0.9}],
+        "class_thresholds": CLASS_THRESHOLDS,
+        "exits": [
+            {"lo": 0.1, "hi": 0.9, "logit_offsets": [0.3 * ((i * 7 + j) % 5 - 2) for i in range(10)]}
+            for j in range(2)
+        ],
         "policy": {"max_adapters": 2, "recall_threshold": 0.2},
     }
     save_run_modules(

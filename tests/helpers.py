@@ -7,6 +7,22 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# every field of a labels/<camera> message (DESIGN.md, label-stream schema v1)
+LABEL_FIELDS = {
+    "v",
+    "camera",
+    "seq",
+    "frame_ts",
+    "pub_ts",
+    "bundle",
+    "labels",
+    "exit",
+    "adapters",
+    "latency_ms",
+    "energy_mj",
+    "energy_source",
+    "dropped",
+}
 # Not on the board: the runtime extra installs none of these.
 BLOCKED = ("torch", "onnx", "onnxscript", "transformers", "sklearn")
 # A meta-path finder, not sys.modules[name] = None: scipy/sklearn probe sys.modules['torch'] and crash on None.

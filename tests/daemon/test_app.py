@@ -21,22 +21,7 @@ from polymorphd.daemon.control import request
 from polymorphd.daemon.power import Meter
 from polymorphd.models.errors import BundleError
 from tests.daemon.fakes import FakeBackend, FlakyOpener, Sub, config, make_bundle, running
-
-LABEL_FIELDS = {
-    "v",
-    "camera",
-    "seq",
-    "frame_ts",
-    "pub_ts",
-    "bundle",
-    "labels",
-    "exit",
-    "adapters",
-    "latency_ms",
-    "energy_mj",
-    "energy_source",
-    "dropped",
-}
+from tests.helpers import LABEL_FIELDS
 
 
 def is_labels(topic: str, p: dict) -> bool:

@@ -28,27 +28,12 @@ import pytest
 import zmq
 
 from polymorphd.daemon.control import request
-from tests.helpers import ROOT, module_without_torch
+from tests.helpers import LABEL_FIELDS, ROOT, module_without_torch
 
 pytestmark = pytest.mark.slow
 
 CAMERA = "e2e"
 SYNTH = "synthetic:?classes=10&contexts=3&width=64&height=64"
-LABEL_FIELDS = {
-    "v",
-    "camera",
-    "seq",
-    "frame_ts",
-    "pub_ts",
-    "bundle",
-    "labels",
-    "exit",
-    "adapters",
-    "latency_ms",
-    "energy_mj",
-    "energy_source",
-    "dropped",
-}
 
 
 def wait_until(what: str, cond: Callable[[], Any], timeout: float, log: Callable[[], str] = str) -> Any:

@@ -48,6 +48,11 @@ class Reference:
         ec = self.run.exit_configs[j]
         return torch.sigmoid(self.run.exits[j](self.tokens(frame, ec.after_block)))[0].numpy()
 
+    def published(self, p_exit: np.ndarray) -> np.ndarray:
+        """A centred exit's scores on the final classifier's scale: sigmoid(logit(p) + logit(threshold))."""
+        z = np.log(p_exit / (1 - p_exit)) + np.log(self.class_thr / (1 - self.class_thr))
+        return 1 / (1 + np.exp(-z))
+
     @torch.no_grad()
     def adapters(self, frame: np.ndarray, chosen: list[int]) -> np.ndarray:
         from polymorphd.models.lora import compose
@@ -63,7 +68,8 @@ class Reference:
         for f in frames:
             p_exit = self.exit(f, len(self.run.exits) - 1)
             chosen = policy.select(state, p_exit)
-            probs = policy.merge(p_exit, self.adapters(f, chosen), chosen) if chosen else self.full(f)
+            kept = self.published(p_exit)
+            probs = policy.merge(kept, self.adapters(f, chosen), chosen) if chosen else self.full(f)
             policy.observe(state, probs > self.class_thr)
             out.append((probs, chosen))
         return out
@@ -119,15 +125,15 @@ def test_early_exit_taken_and_not_taken_by_thresholds(engine, ref):
     engine.set_knobs(exit0_lo=0.5, exit0_hi=0.5)
     r = engine.infer(f)
     assert r.exit == 0
-    np.testing.assert_allclose(r.probs, p0, atol=ATOL)
-    assert r.labels == np.flatnonzero(p0 > 0.5).tolist()  # at an exit: probs > hi
+    np.testing.assert_allclose(r.probs, ref.published(p0), atol=ATOL)
+    assert r.labels == np.flatnonzero(p0 > 0.5).tolist()  # at an exit: its own (centred) probs > hi
 
     # a band that contains one of exit 0's probabilities keeps the frame going; exit 1 decides
     mid = float(np.sort(p0)[len(p0) // 2])
     engine.set_knobs(exit0_lo=mid - 1e-3, exit0_hi=mid + 1e-3, exit1_lo=0.0, exit1_hi=float(p1.min()) - 1e-3)
     r = engine.infer(f)
     assert r.exit == 1
-    np.testing.assert_allclose(r.probs, p1, atol=ATOL)
+    np.testing.assert_allclose(r.probs, ref.published(p1), atol=ATOL)
     assert r.labels == list(range(len(p1)))  # every class above hi
     g = engine.manifest["gflops"]
     assert r.gflops == pytest.approx(sum(g["segments"][:2]) + sum(g["exits"][:2]))
@@ -162,7 +168,8 @@ def test_polymorph_merges_adapters_and_keeps_exit_scores_for_uncovered_classes(e
     p_exit = ref.exit(f, 1)
     others = [k for k in range(len(p_exit)) if k not in members]
     np.testing.assert_allclose(r.probs[members], adapter[members], atol=ATOL)
-    np.testing.assert_allclose(r.probs[others], p_exit[others], atol=ATOL)
+    np.testing.assert_allclose(r.probs[others], ref.published(p_exit)[others], atol=ATOL)
+    assert not np.allclose(ref.published(p_exit), p_exit, atol=1e-3)  # the scale change is exercised
     g = engine.manifest["gflops"]
     assert r.gflops == pytest.approx(sum(g["segments"]) + sum(g["exits"]) + g["tail_lora_per_adapter"])
 

@@ -85,6 +85,21 @@ def test_eval_all_modes_prints_one_table_and_writes_json(tiny_bundle, dataset, t
     assert report["modes"]["polymorph"]["adapters_per_frame"] > 0  # tiny run: exits never decide
 
 
+def test_eval_set_applies_engine_knobs_to_every_mode_and_records_them(tiny_bundle, dataset, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    knobs = ["exit_thresholds=[[0.5,0.5],[0,1]]", "max_adapters=1"]  # exit 0 decides every frame
+    assert cli_eval(args(tiny_bundle, dataset, mode="all", json=str(out), max_frames=5, set=knobs)) == 0
+    report = json.loads(out.read_text())
+    assert report["knobs"] == {"exit_thresholds": [[0.5, 0.5], [0, 1]], "max_adapters": 1}
+    assert all(report["modes"][m]["exit_rate"]["0"] == 1.0 for m in MODES if m != "full")
+    assert report["modes"]["full"]["exit_rate"]["final"] == 1.0  # full has no exits whatever the knobs
+    assert 'knobs set: {"exit_thresholds"' in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="unknown knob 'max_adaptors'"):
+        cli_eval(args(tiny_bundle, dataset, mode="full", set=["max_adaptors=1"]))
+    with pytest.raises(ConfigError, match="--set: 'exit0_lo' is not KEY=VALUE"):
+        cli_eval(args(tiny_bundle, dataset, mode="full", set=["exit0_lo"]))
+
+
 def test_context_modes_agree_on_map(tiny_bundle, dataset):
     engine = load_engine(tiny_bundle, threads=1)
     split = load_split(dataset, "validation", include_unannotated=True)

@@ -13,6 +13,7 @@ from polymorphd.export.manifest import load_manifest
 from polymorphd.models.cost import bundle_gflops
 from polymorphd.models.errors import BundleError, ConfigError
 from polymorphd.models.run import load_run
+from tests.conftest import CLASS_THRESHOLDS
 
 
 def test_manifest_carries_the_runs_calibration_and_costs(bundle, tiny_run):
@@ -27,7 +28,8 @@ def test_manifest_carries_the_runs_calibration_and_costs(bundle, tiny_run):
         (1, "exit_0.onnx", {"lo": 0.1, "hi": 0.9}, "slvit"),
         (2, "exit_1.onnx", {"lo": 0.1, "hi": 0.9}, "slvit"),
     ]
-    assert m.class_thresholds == [0.5] * 10
+    assert m.class_thresholds == CLASS_THRESHOLDS
+    assert all(e.centred for e in m.exits)  # the run's calibration centred its exits
     assert m.policy == {"max_adapters": 2, "recall_threshold": 0.2}
     assert m.gflops == bundle_gflops(run.vit_config, [[0, 1], [1, 2]], run.exit_configs, run.lora)
     assert m.model == {"embed_dim": 48, "num_tokens": 17, "mlp_hidden": 192, "depth": 4, "num_classes": 10,
