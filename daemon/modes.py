@@ -134,6 +134,7 @@ class Pipeline:
         self._no_exit = np.zeros(len(class_thresholds), dtype=np.float32)
         self._last_exit: np.ndarray | None = None
         self._last_j = 0
+        self._odds, self._odds_of = np.ones(0, dtype=np.float32), None
 
     def run(self, mode: str, x: np.ndarray, pstate: Any, clock: Clock) -> Outcome:
         exits = mode != "full"
@@ -179,13 +180,18 @@ class Pipeline:
         return t, None, None, gf
 
     def _final_scale(self, p: np.ndarray, j: int) -> np.ndarray:
-        """Exit j's probabilities on the final classifier's scale (unchanged for an uncentred exit)."""
+        """Exit j's probabilities on the final classifier's scale (unchanged for an uncentred exit).
+
+        sigmoid(logit(p) + logit(t)) written with odds, p·a / (p·a + 1 - p) with a = t / (1 - t): three
+        float32 operations, exact at p = 0 and 1 (the log form cost 0.08 ms per frame).
+        """
         if not self.centred[j]:
             return p
-        q = np.clip(p.astype(np.float64), 1e-7, 1.0 - 1e-7)
-        t = np.clip(self.class_thr.astype(np.float64), 1e-4, 1.0 - 1e-4)  # as calibration's logit_offsets
-        z = np.log(q) - np.log1p(-q) + np.log(t) - np.log1p(-t)
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        if self._odds_of is not self.class_thr:  # thresholds change with an adapter bundle swap
+            t = np.clip(self.class_thr.astype(np.float64), 1e-4, 1.0 - 1e-4)  # as calibration's logit_offsets
+            self._odds, self._odds_of = (t / (1.0 - t)).astype(np.float32), self.class_thr
+        num = p * self._odds
+        return num / (num + (1.0 - p))
 
     def _tail(self, tokens: np.ndarray, clock: Clock) -> np.ndarray:
         self._tail_feed["tokens"] = tokens

@@ -99,6 +99,7 @@ class ContextPolicy:
         self.cfg = cfg
         # (n_contexts, K) float32 membership, for the vectorised merge
         self._member_f = self.index.member.astype(np.float32)
+        self._plans: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
 
     def new_state(self) -> PolicyState:
         return PolicyState()
@@ -155,12 +156,25 @@ class ContextPolicy:
                 f"adapter_probs has shape {a.shape}; expected ({len(chosen)}, {self.num_classes}): "
                 "one row per chosen context"
             )
+        out = p.astype(np.float32, copy=True)
         if len(chosen) == 0:
-            return p.astype(np.float32, copy=True)
-        mem = self._member_f[np.asarray(chosen, dtype=np.intp)]  # (M, K)
-        count = mem.sum(axis=0)
-        summed = np.einsum("mk,mk->k", mem, a)
-        return np.where(count > 0, summed / np.maximum(count, 1.0), p).astype(np.float32, copy=False)
+            return out
+        weights, covered = self._merge_plan(tuple(chosen))
+        np.copyto(out, (weights * a).sum(axis=0), where=covered)
+        return out
+
+    def _merge_plan(self, chosen: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """(M, K) averaging weights (membership / number of chosen contexts holding the class) and the (K,)
+        covered mask of a chosen set; cached, since streams repeat their sets frame after frame."""
+        plan = self._plans.get(chosen)
+        if plan is None:
+            mem = self._member_f[np.asarray(chosen, dtype=np.intp)]
+            count = mem.sum(axis=0)
+            plan = (mem / np.maximum(count, 1.0), count > 0)
+            if len(self._plans) >= 1024:  # sets of at most max_adapters contexts: in practice a few dozen
+                self._plans.clear()
+            self._plans[chosen] = plan
+        return plan
 
     def observe(self, state: PolicyState, labels: np.ndarray) -> None:
         """Record the labels published for this frame ((K,) bool), kept keep_frames frames for continuity."""
