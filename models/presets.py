@@ -94,6 +94,9 @@ class Preset:
     negative_ratio: float = 0.5  # adapter training: other frames per context frame, as negatives
     max_context_size: int = 8
     exit_tolerance: float = 0.01
+    # a class gets its own decision threshold with at least this many positive calibration frames, else the
+    # global one (calibrate.decision_thresholds): few positives, from one or two videos, overfit
+    threshold_min_positives: int = 100
     augment: Augment = field(default_factory=Augment)
 
     def __post_init__(self) -> None:

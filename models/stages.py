@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymorphd.models.augment import mixup
-from polymorphd.models.calibrate import calibrate_exit, class_thresholds
+from polymorphd.models.calibrate import calibrate_exit, decision_thresholds
 from polymorphd.models.cost import count_params, exit_flops, gflops
 from polymorphd.models.distributed import wrap
 from polymorphd.models.exits import build_exit
@@ -346,9 +346,11 @@ def train_adapters(
 
 
 def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitData, ctx: Ctx) -> dict:
-    """Per-class thresholds of the final classifier; per exit its own per-class thresholds and (lo, hi).
+    """Decision thresholds of the final classifier; per exit its own thresholds and (lo, hi).
 
-    Each exit's logits are centred per class on that exit's own F1-best threshold t_k (``logit_offsets``
+    Thresholds are per class where the calibration split has ``threshold_min_positives`` positives of the
+    class, one global F1-best threshold elsewhere (``calibrate.decision_thresholds``). Each exit's logits are
+    centred per class on that exit's own threshold t_k (``logit_offsets``
     = logit(t_k), subtracted from the head's bias when the run loads): a single (lo, hi) pair then means
     "confidently away from the class's own threshold" for every class alike. Uncentred, one global pair
     had to serve classes whose best thresholds range from 0.05 to 0.9, and on the small run the exit after
@@ -357,13 +359,14 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     freeze(vit)
     positions = [m.cfg.after_block for m in exits]
     tokens, final = frozen_features(vit, calib.images, ctx, positions, final=True)
-    thr = class_thresholds(calib.Y, final)
+    n = ctx.preset.threshold_min_positives
+    thr = decision_thresholds(calib.Y, final, min_positives=n)
     out_exits = []
     with torch.no_grad():
         for m in exits:
             m.eval()
             pe = torch.sigmoid(m(tokens[m.cfg.after_block])).cpu().numpy().astype(np.float64)
-            offsets = logit_offsets(class_thresholds(calib.Y, pe))
+            offsets = logit_offsets(decision_thresholds(calib.Y, pe, min_positives=n))
             centred = 1.0 / (1.0 + np.exp(offsets - _logit(pe)))
             lo, hi, stats = calibrate_exit(centred, final, calib.Y, thr, tolerance=ctx.preset.exit_tolerance)
             entry = {"after_block": m.cfg.after_block, "lo": lo, "hi": hi}

@@ -9,9 +9,11 @@ from polymorphd.models.calibrate import (
     DEFAULT_GRID,
     calibrate_exit,
     class_thresholds,
+    decision_thresholds,
     exit_decides,
     exit_labels,
     frame_f1,
+    global_threshold,
 )
 
 
@@ -158,3 +160,26 @@ def test_calibrate_rejects_bad_inputs() -> None:
     P_exit[0, 0] = np.nan
     with pytest.raises(ValueError, match="P_exit holds nan"):
         calibrate_exit(P_exit, P_final, Y, thr)
+
+
+def test_global_threshold_maximises_frame_f1_for_every_class_alike() -> None:
+    Y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    P = np.array([[0.30, 0.10, 0.05], [0.12, 0.35, 0.02], [0.15, 0.05, 0.20], [0.40, 0.33, 0.01]])
+    t = global_threshold(Y, P)
+    assert 0.20 <= t < 0.30  # above every negative (max 0.20), below every positive (min 0.30)
+    assert frame_f1(t < P, Y).mean() == 1.0
+    nothing = global_threshold(np.zeros((2, 3), dtype=bool), P[:2])
+    assert 0.35 < nothing < 1.0  # nothing present: no labels, but never a class blind by construction
+
+
+def test_decision_thresholds_are_per_class_only_where_positives_suffice() -> None:
+    rng = np.random.default_rng(1)
+    Y = np.zeros((200, 3), dtype=bool)
+    Y[:120, 0] = True  # 120 positives: its own threshold
+    Y[:3, 1] = True  # 3 positives: the global threshold
+    P = np.where(Y, 0.6, 0.2) + rng.uniform(-0.05, 0.05, Y.shape)
+    P[:3, 1] = 0.9  # a per-class fit would sit between 0.25 and 0.9
+    thr = decision_thresholds(Y, P, min_positives=100)
+    assert thr[0] == pytest.approx(class_thresholds(Y, P)[0])
+    assert thr[1] == thr[2] == global_threshold(Y, P)
+    assert (decision_thresholds(Y, P, min_positives=0) == class_thresholds(Y, P)).all()
