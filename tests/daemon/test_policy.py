@@ -185,22 +185,3 @@ def test_config_dict_round_trip() -> None:
     assert PolicyConfig.from_dict(cfg.to_dict()) == cfg
     with pytest.raises(ValueError, match=r"unknown policy settings \['budget'\]"):
         PolicyConfig.from_dict({"budget": 1})
-
-
-def test_vectorised_cover_chooses_what_the_set_cover_chooses() -> None:
-    rng = np.random.default_rng(0)
-    for trial in range(300):
-        k, n = int(rng.integers(4, 40)), int(rng.integers(1, 9))
-        contexts = [
-            sorted(rng.choice(k, int(rng.integers(1, k + 1)), replace=False).tolist()) for _ in range(n)
-        ]
-        contexts.append(list(range(k)) if trial % 7 == 0 else contexts[0])  # duplicates and a catch-all: ties
-        for c in range(k):  # every class in some context
-            if not any(c in ctx for ctx in contexts):
-                contexts[int(rng.integers(0, n))].append(c)
-        pol = ContextPolicy(contexts, k, PolicyConfig())
-        likely = set(rng.choice(k, int(rng.integers(1, k + 1)), replace=False).tolist())
-        weights = rng.integers(0, 16, k) / 8.0  # multiples of 1/8: sums are exact, so ties are real ties
-        for m in (1, 2, 3, len(contexts)):
-            want = pol.index.cover(likely, max_sets=m, weights={c: float(weights[c]) for c in likely})
-            assert pol._cover(likely, weights, m) == want, (contexts, likely, weights, m)
