@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from polymorphd.models import stages
 from polymorphd.models.distributed import DistEnv
@@ -56,14 +55,12 @@ def main() -> None:
         vit, data.report.images, Ctx(InputSpec(preset.img_size), preset, DistEnv(), 0, False), positions
     )
     n = len(data.train.Y)
-    temp = preset.copycat_temperature
-    wl, wd = preset.copycat_label_weight, preset.copycat_distill_weight * temp**2
     kinds = [("slvit", w) for w in (args.widths or [preset.exit_width])] + [("mlp", preset.exit_mlp_hidden)]
     print(f"{'views':>5} {'block':>5} {'exit':>12} {'test mAP':>16} {'train mAP':>9} {'s/run':>6}")
     for views in args.views:
         ctx = Ctx(InputSpec(preset.img_size), replace(preset, exit_views=views), DistEnv(), 0, False)
         tokens, Y, teacher = stages.exit_training_set(vit, data.train, ctx, positions)
-        T = torch.sigmoid(torch.logit(teacher.double(), eps=1e-7) / temp).float()
+        T = stages.copycat_targets(teacher, preset)
         for b in positions:
             for kind, width in kinds:
                 ec = next(e for e in preset.exit_configs(kind) if e.after_block == b)
@@ -74,9 +71,7 @@ def main() -> None:
                     m = build_exit(vit.cfg, ec)
 
                     def step(idx: torch.Tensor, m=m, x=tokens[b], Y=Y, T=T) -> torch.Tensor:
-                        z = m(x[idx])
-                        label = F.binary_cross_entropy_with_logits(z, Y[idx])
-                        return wl * label + wd * F.binary_cross_entropy_with_logits(z / temp, T[idx])
+                        return stages.exit_loss(m(x[idx]), Y[idx], T[idx], preset)
 
                     fit(list(m.named_parameters()), len(Y), step, ctx.preset.exits, ctx, "exit")
                     m.eval()

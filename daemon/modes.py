@@ -33,7 +33,7 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank
 from polymorphd.daemon.graphs import Clock, Trunk
-from polymorphd.models.calibrate import exit_decides
+from polymorphd.models.calibrate import THRESHOLD_EPS, exit_decides
 
 Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
 MODES: tuple[str, ...] = ("full", "early-exit", "polymorph", "switching", "merged")
@@ -134,7 +134,8 @@ class Pipeline:
         self._no_exit = np.zeros(len(class_thresholds), dtype=np.float32)
         self._last_exit: np.ndarray | None = None
         self._last_j = 0
-        self._odds, self._odds_of = np.ones(0, dtype=np.float32), None
+        t = np.clip(np.asarray(class_thresholds, dtype=np.float64), THRESHOLD_EPS, 1.0 - THRESHOLD_EPS)
+        self._odds = (t / (1.0 - t)).astype(np.float32)  # for _final_scale
 
     def run(self, mode: str, x: np.ndarray, pstate: Any, clock: Clock) -> Outcome:
         exits = mode != "full"
@@ -187,9 +188,6 @@ class Pipeline:
         """
         if not self.centred[j]:
             return p
-        if self._odds_of is not self.class_thr:  # thresholds change with an adapter bundle swap
-            t = np.clip(self.class_thr.astype(np.float64), 1e-4, 1.0 - 1e-4)  # as calibration's logit_offsets
-            self._odds, self._odds_of = (t / (1.0 - t)).astype(np.float32), self.class_thr
         num = p * self._odds
         return num / (num + (1.0 - p))
 

@@ -14,14 +14,21 @@ import numpy as np
 
 __all__ = [
     "DEFAULT_GRID",
+    "THRESHOLD_EPS",
     "calibrate_exit",
+    "centre",
     "class_thresholds",
     "decision_thresholds",
     "exit_decides",
     "exit_labels",
     "frame_f1",
     "global_threshold",
+    "logit_offsets",
 ]
+
+# thresholds are clipped to [eps, 1 - eps] before their logit or odds are taken (exit centring, the engine's
+# mapping of centred exit scores back onto the final classifier's scale)
+THRESHOLD_EPS = 1e-4
 
 # Candidate values for lo and hi: dense near 0 and 1, where confident exits live.
 DEFAULT_GRID: tuple[float, ...] = (
@@ -123,6 +130,21 @@ def decision_thresholds(Y: np.ndarray, P: np.ndarray, *, min_positives: int) -> 
     Yb = _labels(Y)
     per_class = class_thresholds(Yb, P)
     return np.where(Yb.sum(axis=0) >= min_positives, per_class, global_threshold(Yb, P))
+
+
+def _logit(p: np.ndarray, eps: float) -> np.ndarray:
+    p = np.clip(p, eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
+def logit_offsets(thresholds: np.ndarray) -> np.ndarray:
+    """Per-class logit(t): subtracting it from an exit's logits puts each class's threshold at p = 0.5."""
+    return _logit(np.asarray(thresholds, dtype=np.float64), THRESHOLD_EPS)
+
+
+def centre(probs: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Probabilities (F, K) as the exit centred by ``offsets`` gives them: sigmoid(logit(p) - offset)."""
+    return 1.0 / (1.0 + np.exp(offsets - _logit(np.asarray(probs, dtype=np.float64), 1e-6)))
 
 
 def calibrate_exit(

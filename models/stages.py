@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from polymorphd.models.augment import mixup
-from polymorphd.models.calibrate import calibrate_exit, decision_thresholds
+from polymorphd.models.calibrate import calibrate_exit, centre, decision_thresholds, logit_offsets
 from polymorphd.models.cost import count_params, exit_flops, gflops
 from polymorphd.models.distributed import wrap
 from polymorphd.models.exits import build_exit
@@ -176,6 +176,24 @@ def exit_training_set(
     return {b: torch.cat(v) for b, v in feats.items()}, torch.cat(ys), torch.cat(teachers).float()
 
 
+def copycat_targets(teacher: torch.Tensor, preset: Preset) -> torch.Tensor:
+    """The generalist's probabilities at the copycat temperature T: sigmoid(logit(p) / T)."""
+    return torch.sigmoid(torch.logit(teacher.double(), eps=1e-7) / preset.copycat_temperature).float()
+
+
+def exit_loss(
+    logits: torch.Tensor, y: torch.Tensor, targets: torch.Tensor | None, preset: Preset
+) -> torch.Tensor:
+    """BCE on the labels, or with copycat ``targets`` (``copycat_targets``) label_weight * BCE(labels) +
+    distill_weight * T^2 * BCE(logits / T, targets)."""
+    label = F.binary_cross_entropy_with_logits(logits, y)
+    if targets is None:
+        return label
+    temp = preset.copycat_temperature
+    distill = F.binary_cross_entropy_with_logits(logits / temp, targets)
+    return preset.copycat_label_weight * label + preset.copycat_distill_weight * temp**2 * distill
+
+
 def train_exits(
     vit: VisionTransformer, train: SplitData, calib: SplitData, report: SplitData, ctx: Ctx
 ) -> tuple[list[nn.Module], list[dict]]:
@@ -198,20 +216,13 @@ def train_exits(
     modules = [build_exit(vit.cfg, cfgs[k][b]).to(ctx.device) for k, _, b in variants]
     bank = ExitBank(modules, [b for _, _, b in variants])
     model = wrap(bank, ctx.env)
-    temp = p.copycat_temperature
-    # teacher targets at temperature: sigmoid(logit(p) / T)
-    T = torch.sigmoid(torch.logit(teacher.double(), eps=1e-7) / temp).float()
-    wl, wd = p.copycat_label_weight, p.copycat_distill_weight * temp**2
+    T = copycat_targets(teacher, p)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(ctx.device)
         y, t = Y[idx], T[idx]
         outs = model({b: tokens[b][idx] for b in positions})
-        loss = 0.0
-        for (_, copycat, _), logits in zip(variants, outs, strict=True):
-            label = F.binary_cross_entropy_with_logits(logits, y)
-            distill = F.binary_cross_entropy_with_logits(logits / temp, t) if copycat else 0.0
-            loss = loss + (wl * label + wd * distill if copycat else label)
+        loss = sum(exit_loss(z, y, t if c else None, p) for (_, c, _), z in zip(variants, outs, strict=True))
         return loss / len(variants)
 
     fit(list(bank.named_parameters()), len(Y), step, p.exits, ctx, "exits")
@@ -367,8 +378,9 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
             m.eval()
             pe = torch.sigmoid(m(tokens[m.cfg.after_block])).cpu().numpy().astype(np.float64)
             offsets = logit_offsets(decision_thresholds(calib.Y, pe, min_positives=n))
-            centred = 1.0 / (1.0 + np.exp(offsets - _logit(pe)))
-            lo, hi, stats = calibrate_exit(centred, final, calib.Y, thr, tolerance=ctx.preset.exit_tolerance)
+            lo, hi, stats = calibrate_exit(
+                centre(pe, offsets), final, calib.Y, thr, tolerance=ctx.preset.exit_tolerance
+            )
             entry = {"after_block": m.cfg.after_block, "lo": lo, "hi": hi}
             entry |= {k: jsonable(v) for k, v in stats.items()}
             out_exits.append(entry | {"logit_offsets": [float(x) for x in offsets]})
@@ -379,13 +391,3 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
         "tolerance": ctx.preset.exit_tolerance,
         "split": calib.name,
     }
-
-
-def _logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
-    p = np.clip(p, eps, 1.0 - eps)
-    return np.log(p) - np.log1p(-p)
-
-
-def logit_offsets(thresholds: np.ndarray) -> np.ndarray:
-    """Per-class logit(t): subtracting it from an exit's logits puts each class's threshold at p = 0.5."""
-    return _logit(np.asarray(thresholds, dtype=np.float64), eps=1e-4)
