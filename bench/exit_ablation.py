@@ -19,15 +19,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from polymorphd.models import stages
-from polymorphd.models.distributed import DistEnv
-from polymorphd.models.exits import build_exit
-from polymorphd.models.loop import Ctx, fit, frozen_features
-from polymorphd.models.metrics import mean_average_precision
-from polymorphd.models.preprocess import InputSpec
-from polymorphd.models.presets import get_preset
-from polymorphd.models.train import load_data
-from polymorphd.models.vit import VisionTransformer
+from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.nn.exits import build_exit
+from polymorphd.models.nn.vit import VisionTransformer
+from polymorphd.models.train import stages
+from polymorphd.models.train.distributed import DistEnv
+from polymorphd.models.train.loop import Ctx, fit, frozen_features
+from polymorphd.models.train.presets import get_preset
+from polymorphd.models.train.train import load_data
 
 
 def main() -> None:

@@ -28,8 +28,8 @@ import onnx
 import onnxruntime as ort
 from onnx import numpy_helper
 
-from polymorphd.export.manifest import load_manifest
-from polymorphd.export.timing import session
+from polymorphd.export.core.manifest import load_manifest
+from polymorphd.export.core.timing import session
 
 
 def read_tensors(path: Path) -> dict[str, np.ndarray]:

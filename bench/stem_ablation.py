@@ -14,10 +14,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from polymorphd.models.metrics import mean_average_precision
-from polymorphd.models.preprocess import InputSpec, preprocess_batch
-from polymorphd.models.train import load_data
-from polymorphd.models.vit import VisionTransformer, ViTConfig
+from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.core.preprocess import InputSpec, preprocess_batch
+from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
+from polymorphd.models.train.train import load_data
 
 
 def run(stem: str, X, Y, Xt, Yt, epochs: int, seed: int) -> None:

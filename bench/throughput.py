@@ -71,7 +71,7 @@ def split_video(data: Path, split: str, out: Path) -> str:
     """The split's frames, in eval's order, as one MJPEG file: the daemon then sees exactly eval's frames."""
     import cv2
 
-    from polymorphd.models.tao import load_split
+    from polymorphd.models.data.tao import load_split
 
     frames = [f for v in load_split(data, split, include_unannotated=True).videos for f in v.frames]
     first = cv2.imread(str(frames[0].path), cv2.IMREAD_COLOR)

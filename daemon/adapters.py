@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from polymorphd.models.errors import BundleError
+from polymorphd.models.core.errors import BundleError
 
 log = logging.getLogger(__name__)
 

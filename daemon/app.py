@@ -32,7 +32,7 @@ from polymorphd.daemon.power import Meter, probe_meter
 from polymorphd.daemon.publish import Publisher, label_payload
 from polymorphd.daemon.sources import FrameSource, Opener
 from polymorphd.daemon.systemd import Notifier
-from polymorphd.models.errors import PolymorphError
+from polymorphd.models.core.errors import PolymorphError
 
 log = logging.getLogger(__name__)
 

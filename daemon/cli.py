@@ -12,21 +12,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from polymorphd.models.errors import MissingExtraError, PolymorphError
+from polymorphd.models.core.errors import MissingExtraError, PolymorphError
 
 # command -> "module:function"; the function takes the parsed Namespace and returns an exit code.
 HANDLERS = {
-    "data synth": "polymorphd.models.synth:cli_synth",
-    "train": "polymorphd.models.train:cli_train",
+    "data synth": "polymorphd.models.data.synth:cli_synth",
+    "train": "polymorphd.models.train.train:cli_train",
     "export": "polymorphd.export.bundle:cli_export",
-    "keygen": "polymorphd.export.signing:cli_keygen",
-    "bundle verify": "polymorphd.export.verify:cli_verify",
-    "eval": "polymorphd.daemon.evaluate:cli_eval",
-    "bench": "polymorphd.daemon.bench:cli_bench",
+    "keygen": "polymorphd.export.core.signing:cli_keygen",
+    "bundle verify": "polymorphd.export.core.verify:cli_verify",
+    "eval": "polymorphd.daemon.tools.evaluate:cli_eval",
+    "bench": "polymorphd.daemon.tools.bench:cli_bench",
     "serve": "polymorphd.daemon.app:cli_serve",
     "subscribe": "polymorphd.daemon.subscribe:cli_subscribe",
     "ctl": "polymorphd.daemon.control:cli_ctl",
-    "demo": "polymorphd.daemon.demo:cli_demo",
+    "demo": "polymorphd.daemon.tools.demo:cli_demo",
     "proxy": "polymorphd.daemon.proxy:cli_proxy",
 }
 

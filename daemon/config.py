@@ -19,7 +19,7 @@ from urllib.parse import parse_qsl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
 _ENDPOINT = re.compile(r"^(?:(bind|connect):)?((?:tcp|ipc|inproc)://.+)$")

@@ -21,7 +21,7 @@ import zmq
 
 from polymorphd.daemon.config import Curve, client_address
 from polymorphd.daemon.publish import attach, curve_client, curve_server
-from polymorphd.models.errors import ConfigError, PolymorphError
+from polymorphd.models.core.errors import ConfigError, PolymorphError
 
 log = logging.getLogger(__name__)
 

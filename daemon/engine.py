@@ -25,9 +25,9 @@ from polymorphd.daemon.adapters import AdapterBank, read_adapter_file
 from polymorphd.daemon.graphs import Clock, Trunk
 from polymorphd.daemon.modes import MODES, MergedTails, Mode, Pipeline
 from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
-from polymorphd.export.verify import verify_bundle
-from polymorphd.models.errors import BundleError, ConfigError
-from polymorphd.models.preprocess import InputSpec, preprocess
+from polymorphd.export.core.verify import verify_bundle
+from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.core.preprocess import InputSpec, preprocess
 
 log = logging.getLogger(__name__)
 

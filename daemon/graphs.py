@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from polymorphd.models.errors import BundleError, ConfigError
+from polymorphd.models.core.errors import BundleError, ConfigError
 
 log = logging.getLogger(__name__)
 

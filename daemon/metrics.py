@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

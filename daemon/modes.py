@@ -33,7 +33,7 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank
 from polymorphd.daemon.graphs import Clock, Trunk
-from polymorphd.models.calibrate import THRESHOLD_EPS, exit_decides
+from polymorphd.models.core.calibrate import THRESHOLD_EPS, exit_decides
 
 Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
 MODES: tuple[str, ...] = ("full", "early-exit", "polymorph", "switching", "merged")

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from polymorphd.models.contexts import ContextIndex
+from polymorphd.models.core.contexts import ContextIndex
 
 __all__ = ["ContextPolicy", "PolicyConfig", "PolicyState", "Reason"]
 

@@ -19,7 +19,7 @@ import numpy as np
 import zmq
 
 from polymorphd.daemon.config import Curve, parse_endpoint
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

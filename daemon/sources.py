@@ -22,7 +22,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from polymorphd.daemon.config import DaemonConfig, parse_synthetic, source_kind
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class SynthCapture:
     on_demand = True
 
     def __init__(self, uri: str) -> None:
-        from polymorphd.models.synth import SynthStream
+        from polymorphd.models.data.synth import SynthStream
 
         cfg, stream_seed = _synth_config(uri)
         stream = SynthStream(cfg, seed=stream_seed)
@@ -117,7 +117,7 @@ class SynthCapture:
 
 def _synth_config(uri: str) -> tuple[Any, int]:
     """(SynthConfig, stream seed) from a synthetic: URI; SynthConfig raises ConfigError for bad values."""
-    from polymorphd.models.synth import SynthConfig
+    from polymorphd.models.data.synth import SynthConfig
 
     args = parse_synthetic(uri)
     renames = {"classes": "num_classes", "contexts": "num_contexts", "width": "width", "height": "height"}

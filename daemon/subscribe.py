@@ -14,7 +14,7 @@ import zmq
 
 from polymorphd.daemon.config import client_address
 from polymorphd.daemon.publish import curve_client, decode
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 
 class StreamSummary:

@@ -24,7 +24,7 @@ import onnxruntime as ort
 import torch
 from tqdm import tqdm
 
-from polymorphd.export.manifest import (
+from polymorphd.export.core.manifest import (
     MANIFEST,
     REPORT,
     SIGNATURE,
@@ -36,6 +36,9 @@ from polymorphd.export.manifest import (
     base_hash,
     sha256_file,
 )
+from polymorphd.export.core.signing import load_private_key, sign
+from polymorphd.export.core.timing import latency_ms, random_feeds, session
+from polymorphd.export.core.verify import expected_graphs, verify_bundle
 from polymorphd.export.onnx import (
     DEFAULT_EXPORTER,
     OPSET,
@@ -49,14 +52,11 @@ from polymorphd.export.onnx import (
     write_tensor_file,
 )
 from polymorphd.export.quantize import Quantize, compare, convert_graph
-from polymorphd.export.signing import load_private_key, sign
-from polymorphd.export.timing import latency_ms, random_feeds, session
-from polymorphd.export.verify import expected_graphs, verify_bundle
-from polymorphd.models.cost import bundle_gflops
-from polymorphd.models.errors import BundleError, CheckpointError, ConfigError
-from polymorphd.models.lora import tail_start
-from polymorphd.models.preprocess import InputSpec
-from polymorphd.models.run import Run, load_run
+from polymorphd.models.core.cost import bundle_gflops
+from polymorphd.models.core.errors import BundleError, CheckpointError, ConfigError
+from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.nn.lora import tail_start
+from polymorphd.models.train.run import Run, load_run
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from polymorphd.export.timing import interleaved_ms, session
-from polymorphd.models.errors import BundleError, ConfigError
-from polymorphd.models.lora import ContextAdapter, LoraName, forward_tail, tail_start
-from polymorphd.models.run import Run
-from polymorphd.models.vit import Block, VisionTransformer
+from polymorphd.export.core.timing import interleaved_ms, session
+from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.nn.lora import ContextAdapter, LoraName, forward_tail, tail_start
+from polymorphd.models.nn.vit import Block, VisionTransformer
+from polymorphd.models.train.run import Run
 
 log = logging.getLogger(__name__)
 

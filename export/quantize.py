@@ -19,13 +19,13 @@ import onnx
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.transformers.float16 import convert_float_to_float16
 
-from polymorphd.export.manifest import Manifest
-from polymorphd.export.timing import interleaved_ms, random_feeds, session
-from polymorphd.export.verify import expected_graphs
-from polymorphd.models.errors import ConfigError, DataError
-from polymorphd.models.metrics import mean_average_precision
-from polymorphd.models.preprocess import InputSpec, preprocess_batch
-from polymorphd.models.tao import available_splits, load_images, load_split
+from polymorphd.export.core.manifest import Manifest
+from polymorphd.export.core.timing import interleaved_ms, random_feeds, session
+from polymorphd.export.core.verify import expected_graphs
+from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.core.preprocess import InputSpec, preprocess_batch
+from polymorphd.models.data.tao import available_splits, load_images, load_split
 
 log = logging.getLogger(__name__)
 

@@ -13,10 +13,10 @@ def make_tiny_run(path: Path, seed: int = 0) -> Path:
     """A complete run directory with random (not trained) tiny modules; LoRA B is non-zero so adapters matter."""
     import torch
 
-    from polymorphd.models.exits import ExitConfig, build_exit
-    from polymorphd.models.lora import ContextAdapter, LoRAConfig
-    from polymorphd.models.run import save_run_modules
-    from polymorphd.models.vit import VisionTransformer, ViTConfig
+    from polymorphd.models.nn.exits import ExitConfig, build_exit
+    from polymorphd.models.nn.lora import ContextAdapter, LoRAConfig
+    from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
+    from polymorphd.models.train.run import save_run_modules
 
     torch.manual_seed(seed)
     vit_cfg = ViTConfig(img_size=32, patch_size=8, num_classes=10, embed_dim=48, depth=4, num_heads=3)

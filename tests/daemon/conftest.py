@@ -21,8 +21,8 @@ def swap_run(tiny_run, tmp_path_factory) -> Path:
     """The tiny run's base with other contexts and adapters (for adapter bundle swaps)."""
     import torch
 
-    from polymorphd.models.lora import ContextAdapter
-    from polymorphd.models.run import load_run, save_torch, write_json
+    from polymorphd.models.nn.lora import ContextAdapter
+    from polymorphd.models.train.run import load_run, save_torch, write_json
 
     path = tmp_path_factory.mktemp("runs") / "swap"
     shutil.copytree(tiny_run, path)

@@ -18,7 +18,7 @@ from polymorphd.daemon.app import Daemon
 from polymorphd.daemon.config import DaemonConfig
 from polymorphd.daemon.power import Meter
 from polymorphd.daemon.publish import decode
-from polymorphd.models.errors import BundleError, ConfigError
+from polymorphd.models.core.errors import BundleError, ConfigError
 
 CLASSES = ["person", "car", "dog", "bike", "tree", "sign"]
 

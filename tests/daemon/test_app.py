@@ -19,7 +19,7 @@ import yaml
 from polymorphd.daemon import app as app_mod
 from polymorphd.daemon.control import request
 from polymorphd.daemon.power import Meter
-from polymorphd.models.errors import BundleError
+from polymorphd.models.core.errors import BundleError
 from tests.daemon.fakes import FakeBackend, FlakyOpener, Sub, config, make_bundle, running
 from tests.helpers import LABEL_FIELDS
 

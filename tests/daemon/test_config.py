@@ -16,7 +16,7 @@ from polymorphd.daemon.config import (
     parse_synthetic,
     source_kind,
 )
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 
 @pytest.fixture

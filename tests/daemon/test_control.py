@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from polymorphd.daemon.control import ControlServer, RequestError, cli_ctl, parse_request, request
-from polymorphd.models.errors import BundleError, ConfigError
+from polymorphd.models.core.errors import BundleError, ConfigError
 
 
 @pytest.mark.parametrize(

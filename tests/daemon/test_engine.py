@@ -13,8 +13,8 @@ import pytest
 
 from polymorphd.daemon.engine import MODES, Engine, is_adapter_bundle, load_engine
 from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
-from polymorphd.models.errors import BundleError, ConfigError
-from polymorphd.models.preprocess import InputSpec, preprocess
+from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.core.preprocess import InputSpec, preprocess
 
 torch = pytest.importorskip("torch")
 
@@ -26,7 +26,7 @@ class Reference:
     """The tiny run's torch modules, run the way the bundle's graphs are meant to."""
 
     def __init__(self, run_dir: Path) -> None:
-        from polymorphd.models.run import load_run
+        from polymorphd.models.train.run import load_run
 
         self.run = load_run(run_dir)
         self.vit = self.run.vit
@@ -55,7 +55,7 @@ class Reference:
 
     @torch.no_grad()
     def adapters(self, frame: np.ndarray, chosen: list[int]) -> np.ndarray:
-        from polymorphd.models.lora import compose
+        from polymorphd.models.nn.lora import compose
 
         logits = compose(self.vit, self.tokens(frame, self.start), [self.run.adapters[c] for c in chosen])
         return torch.sigmoid(logits).numpy()
@@ -317,7 +317,7 @@ def test_engine_runs_with_torch_unimportable(tiny_bundle):
         "import sys\n"
         "for m in ('torch', 'onnx', 'onnxscript', 'transformers', 'sklearn'): sys.modules[m] = None\n"
         "import numpy as np\n"
-        "import polymorphd.daemon.bench, polymorphd.daemon.evaluate\n"
+        "import polymorphd.daemon.tools.bench, polymorphd.daemon.tools.evaluate\n"
         "from polymorphd.daemon.engine import load_engine, MODES\n"
         f"e = load_engine({str(tiny_bundle)!r}, threads=1)\n"
         "for m in MODES:\n"

@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 
 from polymorphd.daemon.metrics import Metrics
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 
 
 def test_counts_and_histograms():

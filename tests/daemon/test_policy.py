@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
-from polymorphd.models.contexts import greedy_cover
+from polymorphd.models.core.contexts import greedy_cover
 
 K = 8
 CONTEXTS = [[0, 1, 2], [2, 3], [4, 5], [6, 7]]

@@ -11,7 +11,7 @@ import zmq
 
 from polymorphd.daemon.config import Curve
 from polymorphd.daemon.publish import Publisher, decode, encode, label_payload
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 from tests.daemon.fakes import Sub
 
 CLASSES = ["a", "b", "c", "d"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from polymorphd.daemon.sources import FrameSource, open_capture, preflight
-from polymorphd.models.errors import ConfigError
+from polymorphd.models.core.errors import ConfigError
 from tests.daemon.fakes import FlakyOpener
 
 
@@ -137,7 +137,7 @@ def test_gst_without_gstreamer_fails_at_start():
 
 
 def test_synthetic_source_carries_truth():
-    synth = pytest.importorskip("polymorphd.models.synth")
+    synth = pytest.importorskip("polymorphd.models.data.synth")
     cap = open_capture("synthetic:?seed=1&classes=8&contexts=2&width=64&height=48")
     ok, img, truth = cap.read()
     cap.release()
@@ -148,7 +148,7 @@ def test_synthetic_source_carries_truth():
 
 
 def test_synthetic_settings_are_checked_at_start():
-    pytest.importorskip("polymorphd.models.synth")
+    pytest.importorskip("polymorphd.models.data.synth")
     with pytest.raises(ConfigError, match=r"synthetic:\?classes=0'.*num_classes"):
         preflight("synthetic:?classes=0")
 
@@ -223,6 +223,6 @@ def test_on_demand_source_at_unlimited_rate_waits_for_the_loop(fps):
 
 
 def test_synthetic_and_file_captures_are_on_demand(tmp_path):
-    pytest.importorskip("polymorphd.models.synth")
+    pytest.importorskip("polymorphd.models.data.synth")
     assert open_capture("synthetic:?classes=4&contexts=2&width=32&height=32").on_demand
     assert open_capture(str(_write_video(tmp_path / "clip.avi", 2))).on_demand

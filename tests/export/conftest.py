@@ -15,7 +15,7 @@ pytest.importorskip("onnx")
 
 @pytest.fixture(scope="session")
 def keypair(tmp_path_factory) -> tuple[Path, Path]:
-    from polymorphd.export.signing import generate_keypair
+    from polymorphd.export.core.signing import generate_keypair
 
     return generate_keypair(tmp_path_factory.mktemp("keys") / "bundle.key")
 

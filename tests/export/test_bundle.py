@@ -9,10 +9,10 @@ import pytest
 from polymorphd.daemon.cli import main
 from polymorphd.export import bundle as bundle_mod
 from polymorphd.export.bundle import export_bundle
-from polymorphd.export.manifest import load_manifest
-from polymorphd.models.cost import bundle_gflops
-from polymorphd.models.errors import BundleError, ConfigError
-from polymorphd.models.run import load_run
+from polymorphd.export.core.manifest import load_manifest
+from polymorphd.models.core.cost import bundle_gflops
+from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.train.run import load_run
 from tests.conftest import CLASS_THRESHOLDS
 
 

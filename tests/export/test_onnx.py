@@ -7,6 +7,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from polymorphd.export.core.timing import session
 from polymorphd.export.onnx import (
     ATOL,
     adapter_tensors,
@@ -15,10 +16,9 @@ from polymorphd.export.onnx import (
     plan_graphs,
     segment_bounds,
 )
-from polymorphd.export.timing import session
-from polymorphd.models.errors import BundleError, ConfigError
-from polymorphd.models.lora import compose, merged_copy, tail_start
-from polymorphd.models.run import load_run
+from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.nn.lora import compose, merged_copy, tail_start
+from polymorphd.models.train.run import load_run
 
 GRAPHS = ["segment_0", "segment_1", "exit_0", "exit_1", "tail", "tail_lora", "tail_weights"]
 

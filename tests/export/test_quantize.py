@@ -9,10 +9,10 @@ import onnx
 import pytest
 
 from polymorphd.export.bundle import export_bundle
-from polymorphd.export.manifest import load_manifest
+from polymorphd.export.core.manifest import load_manifest
+from polymorphd.export.core.timing import session
+from polymorphd.export.core.verify import verify_bundle
 from polymorphd.export.quantize import full_path_scores, weight_matmuls
-from polymorphd.export.timing import session
-from polymorphd.export.verify import verify_bundle
 
 
 def test_int8_report_lists_speed_and_map_change(int8_bundle):

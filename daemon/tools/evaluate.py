@@ -1,0 +1,308 @@
+"""``polymorphd eval``: stream a dataset split through the engine, video by video, in frame order.
+
+Every frame of a video goes through the engine (TAO annotates about one frame per second, but the policy's
+temporal memory needs the frames in between); metrics use the annotated frames. The policy state is reset per
+video. ``--mode all`` runs every mode in one process, interleaved by video (the mode order rotates per video) so
+machine noise hits all modes alike; frames are decoded once per video, outside the timed region.
+
+Definitions: mAP is macro AP over the classes with >= 1 positive among the evaluated annotated frames (the
+same as training's report, ``models.metrics.mean_average_precision``). Latency is preprocess + inference per
+frame (no disk read); fps = 1000 / mean latency; overhead is the engine's time outside ONNX Runtime calls
+(excluding preprocessing); speedup is full's median latency over the mode's. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import platform
+import resource
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from polymorphd.daemon.control import parse_knobs
+from polymorphd.daemon.engine import MODES, Engine, load_engine
+from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.data.tao import Frame, TaoSplit, load_split
+
+log = logging.getLogger(__name__)
+
+MAP_DEFINITION = (
+    "macro-averaged AP (scikit-learn's step-wise definition) over the classes with >= 1 positive among the "
+    "annotated frames of the evaluated split"
+)
+WARMUP_FRAMES = 3
+
+
+@dataclass
+class _ModeRecord:
+    mode: str
+    latency: list[float] = field(default_factory=list)
+    overhead: list[float] = field(default_factory=list)
+    ort: list[float] = field(default_factory=list)
+    preprocess: list[float] = field(default_factory=list)
+    gflops: list[float] = field(default_factory=list)
+    adapters: list[int] = field(default_factory=list)
+    exits: Counter = field(default_factory=Counter)
+    scores: list[np.ndarray] = field(default_factory=list)  # annotated frames only
+    rows: list[int] = field(default_factory=list)  # row in the truth matrix for each score
+
+
+@dataclass
+class EvalResult:
+    report: dict[str, Any]  # JSON-ready
+    latencies: dict[str, np.ndarray]  # per-frame latency (ms) per mode, for plots
+
+
+def class_columns(engine: Engine, split: TaoSplit) -> list[int]:
+    """The bundle's class ids, checked against the dataset's categories (DataError when they don't match)."""
+    known = set(split.category_ids())
+    missing = [(n, c) for n, c in zip(engine.classes, engine.class_ids, strict=True) if c not in known]
+    if missing:
+        shown = ", ".join(f"{n} (id {c})" for n, c in missing[:5])
+        raise DataError(
+            f"{len(missing)} of the bundle's {len(engine.classes)} classes are not categories of dataset "
+            f"{split.root} split {split.name!r}: {shown}{'...' if len(missing) > 5 else ''}. The bundle was "
+            "trained on another dataset; evaluate it on the data it was trained for"
+        )
+    extra = known - set(engine.class_ids)
+    if extra:
+        log.warning(
+            "dataset %s has %d categories the bundle does not know (e.g. id %d); their labels are ignored",
+            split.root, len(extra), min(extra),
+        )  # fmt: skip
+    return engine.class_ids
+
+
+def _read(frame: Frame) -> np.ndarray:
+    img = cv2.imread(str(frame.path), cv2.IMREAD_COLOR)
+    if img is None:
+        raise DataError(
+            f"{frame.path}: cannot read frame {frame.frame_index} of video {frame.video_id} "
+            "(missing, corrupt or not an image)"
+        )
+    return img
+
+
+def evaluate(
+    engine: Engine,
+    split: TaoSplit,
+    modes: list[str] | tuple[str, ...],
+    *,
+    max_frames: int | None = None,
+    progress: bool = False,
+) -> EvalResult:
+    """Stream ``split`` through ``engine`` in each of ``modes`` (interleaved by video); return the report."""
+    for m in modes:
+        if m not in MODES:
+            raise ConfigError(f"mode {m!r} invalid: choose among {', '.join(MODES)}")
+    if max_frames is not None and max_frames < 1:
+        raise ConfigError(f"--max-frames must be >= 1, got {max_frames}")
+    ids = class_columns(engine, split)
+    videos = list(split.videos)
+    budget = sum(len(v.frames) for v in videos)
+    if max_frames is not None:
+        budget = min(budget, max_frames)
+    if budget == 0:
+        raise DataError(f"split {split.name!r} of {split.root} has no frames to evaluate")
+    annotated = [f for v in videos for f in v.frames if f.labels is not None]
+    truth_row = {id(f): i for i, f in enumerate(annotated)}
+    Y_all = split.multi_hot(annotated, ids, ignore_unknown=True)
+    records = {m: _ModeRecord(m) for m in modes}
+    previous_mode = engine.mode
+    bar = _bar(budget * len(modes), progress)
+    try:
+        _warm_up(engine, videos, modes)
+        done = 0
+        for vi, video in enumerate(videos):
+            frames = video.frames[: budget - done]
+            if not frames:
+                break
+            images = [_read(f) for f in frames]
+            order = list(modes[vi % len(modes) :]) + list(modes[: vi % len(modes)])
+            for m in order:
+                engine.set_knobs(mode=m)
+                _run_video(engine, frames, images, records[m], truth_row)
+                bar.update(len(frames))
+            done += len(frames)
+    finally:
+        bar.close()
+        engine.set_knobs(mode=previous_mode)
+    used = sorted({r for rec in records.values() for r in rec.rows})
+    report = {
+        "bundle": engine.bundle_id,
+        "data": str(split.root),
+        "split": split.name,
+        "frames": done,
+        "annotated_frames": len(used),
+        "videos": sum(1 for v in videos if v.frames),
+        "map_definition": MAP_DEFINITION,
+        "providers": engine.providers,
+        "threads": engine.trunk.threads,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "peak_rss_mb": _peak_rss_mb(),
+        "modes": {m: _summarise(engine, rec, Y_all) for m, rec in records.items()},
+    }
+    full = report["modes"].get("full")
+    for row in report["modes"].values():
+        row["speedup_vs_full"] = (
+            full["latency_ms"]["p50"] / row["latency_ms"]["p50"]
+            if full and row["latency_ms"]["p50"]
+            else None
+        )
+    lat = {m: np.asarray(rec.latency) for m, rec in records.items()}
+    return EvalResult(report, lat)
+
+
+def _warm_up(engine: Engine, videos: list, modes: list[str] | tuple[str, ...]) -> None:
+    """A few untimed frames per mode: ORT allocates its arenas on the first runs."""
+    first = next((v.frames for v in videos if v.frames), ())
+    images = [_read(f) for f in first[:WARMUP_FRAMES]]
+    for m in modes:
+        engine.set_knobs(mode=m)
+        state = engine.new_state()
+        for img in images:
+            engine.infer(img, state)
+
+
+def _run_video(engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict[int, int]) -> None:
+    state = engine.new_state()  # the policy's memory never crosses videos
+    for f, img in zip(frames, images, strict=True):
+        r = engine.infer(img, state)
+        rec.latency.append(r.preprocess_ms + r.inference_ms)
+        rec.preprocess.append(r.preprocess_ms)
+        rec.overhead.append(r.overhead_ms)
+        rec.ort.append(r.ort_ms)
+        rec.gflops.append(r.gflops)
+        rec.adapters.append(len(r.adapters))
+        rec.exits[r.exit] += 1
+        if f.labels is not None:
+            rec.scores.append(r.probs.copy())
+            rec.rows.append(truth_row[id(f)])
+
+
+def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str, Any]:
+    n = len(rec.latency)
+    if rec.scores:
+        mean_ap, per_class = mean_average_precision(Y_all[rec.rows], np.stack(rec.scores))
+    else:
+        mean_ap, per_class = float("nan"), np.full(len(engine.classes), np.nan)
+    lat = np.asarray(rec.latency)
+    keys = [*range(engine.num_exits), "final"]
+    return {
+        "mode": rec.mode,
+        "frames": n,
+        "map": _num(mean_ap),
+        "per_class_ap": {name: _num(ap) for name, ap in zip(engine.classes, per_class, strict=True)},
+        "exit_rate": {str(k): rec.exits.get(k, 0) / n for k in keys},
+        "adapters_per_frame": float(np.mean(rec.adapters)),
+        "gflops_per_frame": _num(float(np.mean(rec.gflops))),
+        "latency_ms": {
+            "mean": float(lat.mean()),
+            "p50": float(np.percentile(lat, 50)),
+            "p95": float(np.percentile(lat, 95)),
+            "p99": float(np.percentile(lat, 99)),
+        },
+        "fps": 1000.0 / float(lat.mean()),
+        "preprocess_ms_median": float(np.median(rec.preprocess)),
+        "ort_ms_median": float(np.median(rec.ort)),
+        "overhead_ms_median": float(np.median(rec.overhead)),
+    }
+
+
+def _num(x: float) -> float | None:
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def _peak_rss_mb() -> float:
+    # ru_maxrss is in KiB on Linux (bytes on macOS)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if platform.system() == "Darwin" else rss / 1024
+
+
+def _bar(total: int, enabled: bool) -> Any:
+    if enabled:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc="eval", unit="frame")
+
+    class _Null:
+        def update(self, n: int) -> None: ...
+        def close(self) -> None: ...
+
+    return _Null()
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """One Markdown table: mode | mAP | exit rates | adapters/frame | GFLOPs | p50 | p95 | fps | speedup."""
+    head = "| mode | mAP | exit rates | adapters/frame | GFLOPs/frame | p50 ms | p95 ms | fps | speedup vs full |"
+    lines = [head, "|" + "---|" * 9]
+    for m, row in report["modes"].items():
+        rates = " ".join(f"{'F' if k == 'final' else k}:{v:.0%}" for k, v in row["exit_rate"].items())
+        mean_ap = "n/a" if row["map"] is None else f"{100 * row['map']:.2f}"
+        gf = "n/a" if row["gflops_per_frame"] is None else f"{row['gflops_per_frame']:.4f}"
+        sp = "n/a" if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}x"
+        lines.append(
+            f"| {m} | {mean_ap} | {rates} | {row['adapters_per_frame']:.2f} | {gf} | "
+            f"{row['latency_ms']['p50']:.3f} | {row['latency_ms']['p95']:.3f} | {row['fps']:.0f} | {sp} |"
+        )
+    return "\n".join(lines)
+
+
+def format_footer(report: dict[str, Any]) -> str:
+    over = ", ".join(f"{m} {r['overhead_ms_median']:.3f}" for m, r in report["modes"].items())
+    return (
+        f"{report['bundle']} on {report['data']} [{report['split']}]: {report['frames']} frames per mode "
+        f"({report['annotated_frames']} annotated, {report['videos']} videos), {report['threads']} threads, "
+        f"{', '.join(report['providers'])}\n"
+        f"engine overhead outside ORT, median ms: {over}\n"
+        f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}"
+        + (f"\nknobs set: {json.dumps(report['knobs'])}" if report.get("knobs") else "")
+    )
+
+
+def run_eval(args: argparse.Namespace, modes: list[str]) -> EvalResult:
+    """Load the engine and the split named by ``args`` and evaluate (shared by eval and bench)."""
+    knobs = parse_knobs(getattr(args, "set", None) or [], "--set")
+    engine = load_engine(args.bundle, mode=modes[0], threads=args.threads)
+    try:
+        if knobs:
+            engine.set_knobs(**knobs)
+        split = load_split(args.data, args.split, include_unannotated=True)
+        result = evaluate(engine, split, modes, max_frames=args.max_frames, progress=True)
+    finally:
+        engine.close()
+    result.report["knobs"] = knobs
+    return result
+
+
+def write_json(path: str | Path, report: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def cli_eval(args: argparse.Namespace) -> int:
+    modes = list(MODES) if args.mode == "all" else [args.mode]
+    result = run_eval(args, modes)
+    report = result.report
+    print(format_table(report))
+    if len(modes) == 1:
+        aps = report["modes"][modes[0]]["per_class_ap"]
+        print(
+            "per-class AP: "
+            + ", ".join(f"{k} {'n/a' if v is None else f'{100 * v:.1f}'}" for k, v in aps.items())
+        )
+    print(format_footer(report))
+    if args.json:
+        write_json(args.json, report)
+        print(f"report written to {args.json}")
+    return 0

@@ -1,0 +1,382 @@
+"""``polymorphd train``: generalist, exits (copycat), contexts, adapters, calibration, report.
+
+Stages run in order and write the RUN directory (``models/train/run.py`` documents the
+format that export reads). ``stages.json`` records every finished stage with its
+wall time and numbers, so re-running ``polymorphd train --out RUN`` skips what
+is done. Frames are loaded once, at the model input size. Works under torchrun
+(``models/train/distributed.py``): every rank trains its shard, rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from polymorphd.models.core.contexts import cluster_contexts, coverage
+from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.data.tao import (
+    Frame,
+    TaoSplit,
+    available_splits,
+    load_images,
+    load_split,
+    split_by_video,
+)
+from polymorphd.models.nn.checkpoint import init_from as load_init
+from polymorphd.models.nn.exits import build_exit
+from polymorphd.models.nn.vit import VisionTransformer
+from polymorphd.models.train import distributed, stages
+from polymorphd.models.train.distributed import DistEnv
+from polymorphd.models.train.loop import Ctx, SplitData
+from polymorphd.models.train.presets import Preset, get_preset
+from polymorphd.models.train.report import build_report, write_report
+from polymorphd.models.train.run import read_json, save_torch, write_json
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generalist", "exits", "contexts", "adapters", "calibration")
+HELDOUT_FRACTION = 0.2  # share of train videos held out for calibration when there is no validation split
+# config.json keys that must agree when a run is resumed
+RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from")
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]
+    class_ids: list[int]
+    train: SplitData
+    calib: SplitData
+    report: SplitData
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    report: dict[str, Any]
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def load_boxes(split: TaoSplit, frames: list[Frame], class_ids: list[int], size: int) -> list[np.ndarray]:
+    """Per frame, its annotation boxes as (n, 5) float32 [class column, x0, y0, x1, y1] at ``size`` x ``size``.
+
+    Only copy-paste augmentation uses them, so a box that cannot be read (no bbox, no image size) is left
+    out rather than failing the run; the loader has already validated everything labels depend on.
+    """
+    path = split.root / "annotations" / f"{split.name}.json"
+    doc = read_json(path)
+    column = {cid: k for k, cid in enumerate(class_ids)}
+    sizes = {im["id"]: (im.get("width"), im.get("height")) for im in doc["images"]}
+    per_image: dict[int, list[list[float]]] = {}
+    for a in doc["annotations"]:
+        bbox, (w, h) = a.get("bbox"), sizes.get(a["image_id"], (None, None))
+        ok = isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)
+        if not ok or not w or not h or a["category_id"] not in column:
+            continue
+        x, y, bw, bh = bbox
+        sx, sy = size / w, size / h
+        per_image.setdefault(a["image_id"], []).append(
+            [column[a["category_id"]], x * sx, y * sy, (x + bw) * sx, (y + bh) * sy]
+        )
+    return [np.asarray(per_image.get(f.image_id, []), dtype=np.float32).reshape(-1, 5) for f in frames]
+
+
+def _split_data(
+    split: TaoSplit, class_ids: list[int], size: int, progress: bool, boxes: bool = False
+) -> SplitData:
+    frames = split.annotated_frames()
+    if not frames:
+        raise DataError(
+            f"{split.root}: split {split.name!r} has no annotated frames; nothing to train or score on"
+        )
+    known = set(class_ids)
+    unknown = {c for f in frames for c in (f.labels or ()) if c not in known}
+    if unknown:
+        log.warning(
+            "split %s: %d category ids are not train categories and are ignored: %s",
+            split.name, len(unknown), sorted(unknown)[:10],
+        )  # fmt: skip
+    Y = split.multi_hot(frames, class_ids, ignore_unknown=True)
+    images = load_images(frames, size, progress=progress)
+    box_list = load_boxes(split, frames, class_ids, size) if boxes else None
+    return SplitData(split.name, images, Y, len(split.videos), box_list)
+
+
+def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = False) -> Dataset:
+    """Train on ``train``; calibrate on ``validation`` (else held-out train videos); report on ``test``
+    (else the calibration split). Frames are read once at ``size`` x ``size``."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(
+            f"dataset directory {root} does not exist; point --data at a TAO-format dataset "
+            f"(DIR/annotations/train.json, DIR/frames/) or create one with 'polymorphd data synth --out {root}'"
+        )
+    found = available_splits(root)
+    if "train" not in found:
+        raise DataError(
+            f"{root} is not a TAO-format dataset with a train split: {root / 'annotations' / 'train.json'} "
+            f"is missing (splits found: {', '.join(found) or 'none'}); create one with 'polymorphd data synth'"
+        )
+    train = load_split(root, "train")
+    if "validation" in found:
+        calib = load_split(root, "validation")
+    else:
+        train, calib = split_by_video(train, HELDOUT_FRACTION, seed)
+        log.info("no validation split: holding out %d of the train videos for calibration", len(calib.videos))
+    class_ids = train.category_ids()
+    if not class_ids:
+        raise DataError(
+            f"{root / 'annotations' / 'train.json'}: 'categories' is empty; there is nothing to learn"
+        )
+    sets = {"train": _split_data(train, class_ids, size, progress, boxes=True)}
+    sets["calib"] = _split_data(calib, class_ids, size, progress)
+    sets["report"] = (
+        _split_data(load_split(root, "test"), class_ids, size, progress) if "test" in found else sets["calib"]
+    )
+    return Dataset(root, train.category_names(), class_ids, sets["train"], sets["calib"], sets["report"])
+
+
+class StageLog:
+    """stages.json: ``{"stages": {name: {"seconds": s, "result": {...}}}}`` in completion order."""
+
+    def __init__(self, path: Path, write: bool) -> None:
+        self.path, self.write = path, write
+        self.records: dict[str, dict[str, Any]] = read_json(path)["stages"] if path.exists() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.records
+
+    def record(self, name: str, seconds: float, result: dict[str, Any]) -> None:
+        self.records[name] = {"seconds": round(seconds, 3), "finished": time.time(), "result": result}
+        if self.write:
+            write_json(self.path, {"stages": self.records})
+
+
+def _config(
+    preset: Preset, data: Dataset, spec: InputSpec, seed: int, init_from: str | None
+) -> dict[str, Any]:
+    vit_cfg = preset.vit_config(len(data.class_ids))
+    return {
+        "preset": preset.name,
+        "preset_config": preset.to_dict(),
+        "vit": vit_cfg.to_dict(),
+        "lora": preset.lora_config().to_dict(),
+        "exits": [ec.to_dict() for ec in preset.exit_configs("slvit")],
+        "input": spec.to_dict(),
+        "classes": data.classes,
+        "class_ids": data.class_ids,
+        "seed": seed,
+        "init_from": init_from,
+        "dataset": str(data.root),
+        "deployed_exit": {"kind": "slvit", "copycat": True},
+    }
+
+
+def _check_resume(path: Path, config: dict[str, Any]) -> None:
+    old = read_json(path)
+    norm = read_json_roundtrip(config)
+    diff = [k for k in RESUME_KEYS if old.get(k) != norm.get(k)]
+    if diff:
+        raise ConfigError(
+            f"{path.parent} holds a run with different {', '.join(diff)} than this command asks for; "
+            "resume with the same --preset/--epochs/--seed/--init-from and dataset classes, or choose a new --out"
+        )
+
+
+def read_json_roundtrip(obj: Any) -> Any:
+    """``obj`` as it reads back from JSON (tuples become lists), for comparisons with a saved config."""
+    import json
+
+    return json.loads(json.dumps(obj))
+
+
+def train(
+    data_dir: str | Path,
+    out_dir: str | Path,
+    preset: Preset,
+    *,
+    seed: int = 0,
+    init_from: str | None = None,
+    env: DistEnv | None = None,
+    progress: bool = True,
+) -> TrainResult:
+    """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
+    env = env or DistEnv()
+    out = Path(out_dir)
+    if init_from and preset.stem != "patch":
+        preset = replace(preset, stem="patch")  # pretrained ViTs come with timm's patch embedding
+    t0 = time.perf_counter()
+    data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
+    load_s = time.perf_counter() - t0
+    spec = InputSpec(size=preset.img_size)
+    config = _config(preset, data, spec, seed, init_from)
+    if (out / "config.json").exists():
+        _check_resume(out / "config.json", config)
+    elif env.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", config)
+    distributed.barrier(env)
+    ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
+    stage_log = StageLog(out / "stages.json", write=env.is_main)
+    result = TrainResult(out, {})
+    log.info(
+        "training %s on %s: %d classes, %d/%d/%d frames (train/%s/%s), device %s, world %d",
+        preset.name, data.root, len(data.classes), len(data.train.Y), len(data.calib.Y), len(data.report.Y),
+        data.calib.name, data.report.name, env.device, env.world_size,
+    )  # fmt: skip
+
+    torch.manual_seed(seed)
+    vit = VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device)
+    exits: list[torch.nn.Module] = []
+    contexts: list[list[int]] = []
+
+    def run_stage(name: str, fn, load) -> None:
+        if stage_log.done(name):
+            load()
+            result.skipped.append(name)
+            log.info("stage %s: already done, skipped", name)
+            return
+        torch.manual_seed(seed + STAGES.index(name))
+        start = time.perf_counter()
+        res = fn()
+        distributed.barrier(env)
+        secs = time.perf_counter() - start
+        stage_log.record(name, secs, res)
+        result.ran.append(name)
+        log.info("stage %s done in %.1f s", name, secs)
+
+    def generalist() -> dict:
+        notes = load_init(vit, init_from, num_classes=vit.cfg.num_classes) if init_from else []
+        res = stages.train_generalist(vit, data.train, data.calib, data.report, ctx)
+        if env.is_main:
+            save_torch(out / "backbone.pt", vit.state_dict())
+        return res | {"init_notes": notes}
+
+    def load_backbone() -> None:
+        vit.load_state_dict(torch.load(out / "backbone.pt", map_location=env.device, weights_only=True))
+
+    def train_exits() -> dict:
+        modules, results = stages.train_exits(vit, data.train, data.calib, data.report, ctx)
+        variants = stages.exit_variants(preset)
+        exits[:] = [m for m, (k, c, _) in zip(modules, variants, strict=True) if k == "slvit" and c]
+        if env.is_main:
+            save_torch(out / "exits.pt", [m.state_dict() for m in exits])
+        return {"variants": results}
+
+    def load_exits() -> None:
+        states = torch.load(out / "exits.pt", map_location=env.device, weights_only=True)
+        for ec, st in zip(preset.exit_configs("slvit"), states, strict=True):
+            m = build_exit(vit.cfg, ec).to(env.device)
+            m.load_state_dict(st)
+            exits.append(m.eval())
+
+    def make_contexts() -> dict:
+        contexts[:] = cluster_contexts(data.train.Y, max_size=preset.max_context_size)
+        cov = coverage(data.train.Y, contexts)
+        if env.is_main:
+            write_json(out / "contexts.json", {"contexts": contexts, "coverage": cov})
+        return {"contexts": contexts, "coverage": cov, "coverage_report": coverage(data.report.Y, contexts)}
+
+    def load_contexts() -> None:
+        contexts[:] = read_json(out / "contexts.json")["contexts"]
+
+    def train_adapters() -> dict:
+        adapters, results = stages.train_adapters(vit, contexts, data.train, data.calib, data.report, ctx)
+        if env.is_main:
+            save_torch(out / "adapters.pt", [a.state_dict() for a in adapters])
+        return {"adapters": results}
+
+    def calibrate() -> dict:
+        calib = stages.calibrate(vit, exits, data.calib, ctx)
+        if env.is_main:
+            write_json(out / "calibration.json", calib)
+        return calib
+
+    run_stage("generalist", generalist, load_backbone)
+    run_stage("exits", train_exits, load_exits)
+    run_stage("contexts", make_contexts, load_contexts)
+    run_stage("adapters", train_adapters, lambda: None)
+    run_stage("calibration", calibrate, lambda: None)
+
+    meta = {
+        "dataset": str(data.root),
+        "num_classes": len(data.classes),
+        "classes": data.classes,
+        "splits": {
+            key: {
+                "name": s.name,
+                "frames": len(s.Y),
+                "videos": s.videos,
+                "mean_labels": float(np.mean(s.Y.sum(1))),
+            }
+            for key, s in (("train", data.train), ("calibration", data.calib), ("report", data.report))
+        },
+        "device": str(env.device),
+        "world_size": env.world_size,
+        "threads": torch.get_num_threads(),
+        "load_data_seconds": round(load_s, 2),
+    }
+    result.report = build_report(meta=meta, records=stage_log.records, vit=vit, preset=preset)
+    if env.is_main:
+        write_report(out, result.report)
+    log.info(
+        "run %s complete in %.1f s (ran %s)",
+        out,
+        time.perf_counter() - t0,
+        ", ".join(result.ran) or "nothing",
+    )
+    return result
+
+
+def _summary(r: dict[str, Any], out: Path) -> list[str]:
+    lines = [
+        f"run written to {out} (report.md, report.json)",
+        f"  generalist mAP {_num(r['generalist'].get('map'))}",
+    ]
+    for e in r["exits"]:
+        cc = "copycat" if e["copycat"] else "labels "
+        lines.append(f"  exit after {e['after_block']}: {e['kind']:5s} {cc} mAP {_num(e['map'])}")
+    gains = [(a["map_adapter"] or 0) - (a["map_generalist"] or 0) for a in r["adapters"]]
+    lines.append(
+        f"  {len(r['contexts'])} contexts, coverage k=1 {_num(r['coverage'].get('1'))}; "
+        f"adapters vs generalist mAP {np.mean(gains) if gains else 0:+.4f} on average"
+    )
+    lines.append(
+        f"  wall time {r['timings']['total']:.1f} s in stages (+ {r['load_data_seconds']:.1f} s loading)"
+    )
+    return lines
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
+def cli_train(args: argparse.Namespace) -> int:
+    """``polymorphd train --data DIR --out RUN [--preset P] [--epochs N] [--threads T] [--init-from F] [--seed S]``."""
+    preset = get_preset(args.preset, args.epochs)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    if args.init_from is not None and not Path(args.init_from).exists():
+        raise ConfigError(
+            f"--init-from {args.init_from} does not exist; give a timm, Hugging Face or polymorphd checkpoint"
+        )
+    env = distributed.setup(os.environ)
+    try:
+        res = train(args.data, args.out, preset, seed=args.seed, init_from=args.init_from, env=env)
+    finally:
+        distributed.teardown(env)
+    if env.is_main:
+        print("\n".join(_summary(res.report, res.run_dir)))
+    return 0

@@ -1,0 +1,133 @@
+"""polymorphd eval / bench on a tiny synthetic TAO dataset and the tiny bundle."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from polymorphd.daemon.engine import MODES, load_engine
+from polymorphd.daemon.tools.bench import cli_bench
+from polymorphd.daemon.tools.evaluate import cli_eval, evaluate
+from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.preprocess import InputSpec, preprocess
+from polymorphd.models.data.tao import load_split
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """2 validation videos x 6 frames of 48x40, every other frame annotated; class ids match the tiny run."""
+    from polymorphd.models.data.synth import SynthConfig, write_dataset
+
+    cfg = SynthConfig(num_classes=10, num_contexts=3, width=48, height=40, frames_per_video=6, max_objects=2,
+                      sources=("glyph",))  # fmt: skip
+    return write_dataset(tmp_path_factory.mktemp("data") / "tiny", cfg, videos=(0, 2, 0), annotate_every=2,
+                         progress=False)  # fmt: skip
+
+
+def args(bundle, data, **kw) -> argparse.Namespace:
+    base = dict(bundle=str(bundle), data=str(data), split="validation", mode="full", json=None, threads=1,
+                max_frames=None)  # fmt: skip
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_full_mode_map_equals_a_reference_computation(tiny_bundle, tiny_run, dataset):
+    from sklearn.metrics import average_precision_score
+
+    from polymorphd.models.train.run import load_run
+
+    run = load_run(tiny_run)
+    spec = InputSpec.from_dict(run.config["input"])
+    split = load_split(dataset, "validation", include_unannotated=True)
+    annotated = split.annotated_frames()
+    assert 0 < len(annotated) < len(split.frames())  # unannotated frames are streamed, not scored
+    with torch.no_grad():
+        S = np.stack([
+            torch.sigmoid(run.vit(torch.from_numpy(preprocess(cv2.imread(str(f.path)), spec))))[0].numpy()
+            for f in annotated
+        ])  # fmt: skip
+    Y = split.multi_hot(annotated, run.config["class_ids"])
+    aps = [average_precision_score(Y[:, k], S[:, k]) for k in range(Y.shape[1]) if Y[:, k].any()]
+    engine = load_engine(tiny_bundle, threads=1)
+    report = evaluate(engine, split, ["full"]).report
+    row = report["modes"]["full"]
+    assert row["map"] == pytest.approx(float(np.mean(aps)), abs=1e-6)
+    assert row["frames"] == len(split.frames()) == report["frames"]
+    assert report["annotated_frames"] == len(annotated)
+    assert row["exit_rate"] == {"0": 0.0, "1": 0.0, "final": 1.0}
+    per_class = row["per_class_ap"]
+    assert sum(v is None for v in per_class.values()) == int((~Y.any(axis=0)).sum())  # no positive: n/a
+    assert row["latency_ms"]["p50"] > 0 and row["fps"] > 0 and report["peak_rss_mb"] > 0
+
+
+def test_eval_all_modes_prints_one_table_and_writes_json(tiny_bundle, dataset, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli_eval(args(tiny_bundle, dataset, mode="all", json=str(out), max_frames=7)) == 0
+    text = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert table[0].startswith(
+        "| mode | mAP | exit rates | adapters/frame | GFLOPs/frame | p50 ms | p95 ms | fps"
+    )
+    assert [line.split("|")[1].strip() for line in table[2:]] == list(MODES)
+    report = json.loads(out.read_text())
+    assert set(report["modes"]) == set(MODES)
+    for row in report["modes"].values():
+        assert row["frames"] == 7  # --max-frames per mode
+        assert sum(row["exit_rate"].values()) == pytest.approx(1.0)
+        assert row["gflops_per_frame"] > 0
+    assert report["modes"]["full"]["speedup_vs_full"] == pytest.approx(1.0)
+    assert report["modes"]["full"]["adapters_per_frame"] == 0
+    assert report["modes"]["polymorph"]["adapters_per_frame"] > 0  # tiny run: exits never decide
+
+
+def test_eval_set_applies_engine_knobs_to_every_mode_and_records_them(tiny_bundle, dataset, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    knobs = ["exit_thresholds=[[0.5,0.5],[0,1]]", "max_adapters=1"]  # exit 0 decides every frame
+    assert cli_eval(args(tiny_bundle, dataset, mode="all", json=str(out), max_frames=5, set=knobs)) == 0
+    report = json.loads(out.read_text())
+    assert report["knobs"] == {"exit_thresholds": [[0.5, 0.5], [0, 1]], "max_adapters": 1}
+    assert all(report["modes"][m]["exit_rate"]["0"] == 1.0 for m in MODES if m != "full")
+    assert report["modes"]["full"]["exit_rate"]["final"] == 1.0  # full has no exits whatever the knobs
+    assert 'knobs set: {"exit_thresholds"' in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="unknown knob 'max_adaptors'"):
+        cli_eval(args(tiny_bundle, dataset, mode="full", set=["max_adaptors=1"]))
+    with pytest.raises(ConfigError, match="--set: 'exit0_lo' is not KEY=VALUE"):
+        cli_eval(args(tiny_bundle, dataset, mode="full", set=["exit0_lo"]))
+
+
+def test_context_modes_agree_on_map(tiny_bundle, dataset):
+    engine = load_engine(tiny_bundle, threads=1)
+    split = load_split(dataset, "validation", include_unannotated=True)
+    modes = evaluate(engine, split, ["polymorph", "switching", "merged"]).report["modes"]
+    maps = [modes[m]["map"] for m in ("polymorph", "switching", "merged")]
+    assert maps == pytest.approx([maps[0]] * 3, abs=1e-4)
+    assert engine.mode == "polymorph"  # eval restores the engine's mode
+
+
+def test_bench_writes_table_report_and_plots(tiny_bundle, dataset, tmp_path, capsys):
+    out = tmp_path / "bench"
+    assert cli_bench(args(tiny_bundle, dataset, out=str(out), max_frames=4)) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["exit_rates.png", "latency_cdf.png", "latency_vs_map.png", "report.json", "table.md"]
+    assert "| polymorph |" in (out / "table.md").read_text()
+    assert json.loads((out / "report.json").read_text())["command"].startswith("polymorphd bench")
+    assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_class_mismatch_and_bad_arguments_are_clear_errors(tiny_bundle, dataset):
+    engine = load_engine(tiny_bundle, threads=1)
+    split = load_split(dataset, "validation", include_unannotated=True)
+    with pytest.raises(ConfigError, match="mode 'fast' invalid"):
+        evaluate(engine, split, ["fast"])
+    with pytest.raises(ConfigError, match="max-frames"):
+        evaluate(engine, split, ["full"], max_frames=0)
+    engine.class_ids = [1000 + 7 * i for i in range(9)] + [5]
+    with pytest.raises(DataError, match=r"1 of the bundle's 10 classes .*class9 \(id 5\)"):
+        evaluate(engine, split, ["full"])
+    with pytest.raises(DataError, match="split 'test' not found"):
+        cli_eval(args(tiny_bundle, dataset, split="test"))

@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from polymorphd.models.core.calibrate import (
+    DEFAULT_GRID,
+    calibrate_exit,
+    class_thresholds,
+    decision_thresholds,
+    exit_decides,
+    exit_labels,
+    frame_f1,
+    global_threshold,
+)
+
+
+def test_exit_decides_needs_every_class_outside_the_band() -> None:
+    assert exit_decides(np.array([0.01, 0.99, 0.02]), 0.05, 0.95) is True
+    assert exit_decides(np.array([0.01, 0.50, 0.99]), 0.05, 0.95) is False
+    # the band is closed: a probability equal to lo or hi is undecided
+    assert exit_decides(np.array([0.05, 0.99]), 0.05, 0.95) is False
+    assert exit_decides(np.array([0.01, 0.95]), 0.05, 0.95) is False
+    # (0, 1) never exits
+    assert exit_decides(np.array([0.0, 1.0]), 0.0, 1.0) is False
+
+
+def test_exit_decides_on_a_batch() -> None:
+    P = np.array([[0.01, 0.99], [0.5, 0.99], [0.2, 0.3]])
+    np.testing.assert_array_equal(exit_decides(P, 0.1, 0.9), [True, False, False])
+    np.testing.assert_array_equal(exit_decides(P, 0.35, 0.4), [True, True, True])
+
+
+def test_exit_labels_are_above_hi() -> None:
+    np.testing.assert_array_equal(exit_labels(np.array([0.2, 0.9, 0.95]), 0.9), [False, False, True])
+
+
+def test_class_thresholds_hand_cases() -> None:
+    Y = np.array([[1, 0, 1], [1, 0, 1], [0, 0, 0], [0, 0, 0]])
+    P = np.array([[0.9, 0.1, 0.6], [0.8, 0.2, 0.4], [0.3, 0.3, 0.6], [0.2, 0.4, 0.6]])
+    thr = class_thresholds(Y, P, default=0.7)
+    # class 0: cut between 0.8 and 0.3; class 1: no positive -> default
+    assert thr[0] == pytest.approx(0.55) and thr[1] == 0.7
+    # class 2: the best F1 (0.8) predicts every frame present -> below the lowest score
+    assert thr[2] == pytest.approx(0.2)
+
+
+def _f1(y: np.ndarray, pred: np.ndarray) -> float:
+    tp = np.sum(y & pred)
+    return 2 * tp / (np.sum(y) + np.sum(pred)) if np.sum(y) + np.sum(pred) else 0.0
+
+
+def test_class_thresholds_reach_the_best_f1() -> None:
+    rng = np.random.default_rng(0)
+    Y = rng.random((120, 6)) < 0.3
+    P = np.clip(np.round(0.4 * Y + rng.random((120, 6)) * 0.7, 2), 0, 1)
+    thr = class_thresholds(Y, P)
+    for k in range(6):
+        best = max(_f1(Y[:, k], P[:, k] >= s) for s in np.unique(P[:, k]))
+        assert _f1(Y[:, k], P[:, k] > thr[k]) == pytest.approx(best)
+
+
+def _case(flip: int = 0, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Half the frames: exit confident (0.02 / 0.97) and right; half: the exit shrugs (0.5).
+    The final classifier is always right. `flip` confident frames have one confidently wrong label."""
+    rng = np.random.default_rng(seed)
+    F, K = 200, 5
+    Y = rng.random((F, K)) < 0.3
+    P_final = np.where(Y, 0.9, 0.1)
+    P_exit = np.where(Y, 0.97, 0.02)
+    P_exit[F // 2 :] = 0.5
+    for f in range(flip):
+        P_exit[f, 0] = 0.99 - P_exit[f, 0]  # 0.97 <-> 0.02: same values, wrong side
+    return P_exit, P_final, Y, np.full(K, 0.5)
+
+
+def _mean_frame_f1(pred: np.ndarray, Y: np.ndarray) -> float:
+    """Mean per-frame F1, written out longhand as the reference for frame_f1."""
+    scores = []
+    for p, y in zip(pred, Y, strict=True):
+        both = int((p & y).sum())
+        scores.append(1.0 if not p.any() and not y.any() else 2 * both / (p.sum() + y.sum()))
+    return float(np.mean(scores))
+
+
+def _accuracies(P_exit, P_final, Y, thr, lo, hi) -> tuple[float, float, float]:
+    exits = exit_decides(P_exit, lo, hi)
+    exit_f1 = _mean_frame_f1(exit_labels(P_exit[exits], hi), Y[exits])
+    final_f1 = _mean_frame_f1(P_final[exits] > thr, Y[exits])
+    return float(exits.mean()), exit_f1, final_f1
+
+
+def test_calibrate_exits_the_confident_half_with_the_widest_band() -> None:
+    P_exit, P_final, Y, thr = _case()
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr)
+    assert (lo, hi) == (0.03, 0.95)  # just above 0.02 and just below 0.97 on the default grid
+    rate, exit_acc, final_acc = _accuracies(P_exit, P_final, Y, thr, lo, hi)
+    assert rate == stats["exit_rate"] == 0.5
+    assert exit_acc == stats["exit_f1"] == 1.0
+    assert final_acc == stats["final_f1"] == 1.0
+
+
+def test_calibrate_meets_the_tolerance_and_only_it() -> None:
+    P_exit, P_final, Y, thr = _case(flip=2)  # two confident frames carry one confidently wrong label
+    loose = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.05)
+    rate, exit_f1, final_f1 = _accuracies(P_exit, P_final, Y, thr, *loose[:2])
+    assert rate == loose[2]["exit_rate"] == 0.5  # the whole confident half, wrong frames included
+    assert exit_f1 == pytest.approx(loose[2]["exit_f1"]) and exit_f1 < 1.0
+    assert exit_f1 >= final_f1 - 0.05
+    # no tolerance: only frames whose decisions are all right may leave, so fewer exit
+    strict = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.0)
+    rate, exit_f1, final_f1 = _accuracies(P_exit, P_final, Y, thr, *strict[:2])
+    assert 0.0 < rate == strict[2]["exit_rate"] < 0.5
+    assert exit_f1 == pytest.approx(strict[2]["exit_f1"]) and exit_f1 >= final_f1 - 1e-12
+
+
+def test_an_exit_that_declares_every_frame_empty_is_not_trusted() -> None:
+    """Per-label accuracy would pass it (few labels per frame); per-frame F1 does not."""
+    _, P_final, Y, thr = _case()
+    P_exit = np.full(Y.shape, 0.01)
+    old_rule_accuracy = np.mean(~Y)  # what per-label accuracy would have credited it with
+    assert old_rule_accuracy > 0.6
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.01)
+    assert (lo, hi) == (0.0, 1.0) and stats["exit_rate"] == 0.0
+
+
+def test_frame_f1_matches_the_longhand_definition() -> None:
+    rng = np.random.default_rng(3)
+    pred, Y = rng.random((50, 6)) < 0.3, rng.random((50, 6)) < 0.3
+    assert float(frame_f1(pred, Y).mean()) == pytest.approx(_mean_frame_f1(pred, Y))
+
+
+@pytest.mark.parametrize("kind", ["wrong", "shrug"])
+def test_a_useless_exit_never_exits(kind: str) -> None:
+    _, P_final, Y, thr = _case()
+    P_exit = np.where(Y, 0.01, 0.99) if kind == "wrong" else np.full(Y.shape, 0.5)
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr)
+    assert (lo, hi) == (0.0, 1.0)
+    assert stats["exit_rate"] == 0.0 and math.isnan(stats["exit_f1"])
+    assert not exit_decides(P_exit, lo, hi).any()
+
+
+def test_calibrate_uses_the_given_grid() -> None:
+    P_exit, P_final, Y, thr = _case()
+    lo, hi, _ = calibrate_exit(P_exit, P_final, Y, thr, grid=(0.1, 0.2, 0.8, 0.9))
+    assert (lo, hi) == (0.1, 0.9)
+    assert DEFAULT_GRID[0] == 0.0 and DEFAULT_GRID[-1] == 1.0
+
+
+def test_calibrate_rejects_bad_inputs() -> None:
+    P_exit, P_final, Y, thr = _case()
+    with pytest.raises(ValueError, match=r"P_final has shape \(200, 4\)"):
+        calibrate_exit(P_exit, P_final[:, :4], Y, thr)
+    with pytest.raises(ValueError, match=r"class_thr has shape \(4,\); expected \(5,\)"):
+        calibrate_exit(P_exit, P_final, Y, thr[:4])
+    with pytest.raises(ValueError, match="tolerance"):
+        calibrate_exit(P_exit, P_final, Y, thr, tolerance=-0.1)
+    P_exit[0, 0] = np.nan
+    with pytest.raises(ValueError, match="P_exit holds nan"):
+        calibrate_exit(P_exit, P_final, Y, thr)
+
+
+def test_global_threshold_maximises_frame_f1_for_every_class_alike() -> None:
+    Y = np.array([[1, 0, 0], [0, 1, 0], [0, 0, 0], [1, 1, 0]], dtype=bool)
+    P = np.array([[0.30, 0.10, 0.05], [0.12, 0.35, 0.02], [0.15, 0.05, 0.20], [0.40, 0.33, 0.01]])
+    t = global_threshold(Y, P)
+    assert 0.20 <= t < 0.30  # above every negative (max 0.20), below every positive (min 0.30)
+    assert frame_f1(t < P, Y).mean() == 1.0
+    nothing = global_threshold(np.zeros((2, 3), dtype=bool), P[:2])
+    assert 0.35 < nothing < 1.0  # nothing present: no labels, but never a class blind by construction
+
+
+def test_decision_thresholds_are_per_class_only_where_positives_suffice() -> None:
+    rng = np.random.default_rng(1)
+    Y = np.zeros((200, 3), dtype=bool)
+    Y[:120, 0] = True  # 120 positives: its own threshold
+    Y[:3, 1] = True  # 3 positives: the global threshold
+    P = np.where(Y, 0.6, 0.2) + rng.uniform(-0.05, 0.05, Y.shape)
+    P[:3, 1] = 0.9  # a per-class fit would sit between 0.25 and 0.9
+    thr = decision_thresholds(Y, P, min_positives=100)
+    assert thr[0] == pytest.approx(class_thresholds(Y, P)[0])
+    assert thr[1] == thr[2] == global_threshold(Y, P)
+    assert (decision_thresholds(Y, P, min_positives=0) == class_thresholds(Y, P)).all()

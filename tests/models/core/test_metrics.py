@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import average_precision_score
+
+from polymorphd.models.core import metrics
+from polymorphd.models.core.metrics import average_precision, mean_average_precision
+
+
+def test_hand_checked_ranking() -> None:
+    # hits at ranks 1 and 3: (1/2) * 1 + (1/2) * (2/3)
+    assert average_precision(np.array([1, 0, 1, 0]), np.array([0.9, 0.8, 0.7, 0.1])) == pytest.approx(5 / 6)
+    assert average_precision(np.array([0, 1]), np.array([0.9, 0.1])) == pytest.approx(0.5)
+    assert average_precision(np.array([1, 1, 0]), np.array([3.0, 2.0, 1.0])) == 1.0
+
+
+def test_ties_form_one_threshold() -> None:
+    # both frames at the same score: one cut, precision 1/2 at recall 1
+    assert average_precision(np.array([1, 0]), np.array([0.5, 0.5])) == pytest.approx(0.5)
+    # a tie group of [1, 0, 1] after a hit: (1/3) * 1 + (2/3) * (3/4)
+    y, s = np.array([1, 1, 0, 1]), np.array([0.9, 0.4, 0.4, 0.4])
+    assert average_precision(y, s) == pytest.approx(1 / 3 + 2 / 3 * 3 / 4)
+
+
+def test_no_positive_is_nan() -> None:
+    assert math.isnan(average_precision(np.zeros(4), np.arange(4.0)))
+    assert math.isnan(average_precision(np.zeros(0), np.zeros(0)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.integers(1, 40).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.booleans(), min_size=n, max_size=n),
+            st.lists(st.sampled_from([0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]), min_size=n, max_size=n),
+        )
+    )
+)
+def test_matches_sklearn_with_heavy_ties(case: tuple[list[bool], list[float]]) -> None:
+    y, s = np.array(case[0]), np.array(case[1])
+    if not y.any():
+        assert math.isnan(average_precision(y, s))
+        return
+    assert average_precision(y, s) == pytest.approx(average_precision_score(y, s), abs=1e-12)
+
+
+def test_mean_average_precision_matches_sklearn_per_class() -> None:
+    rng = np.random.default_rng(0)
+    Y = rng.random((400, 12)) < 0.15
+    Y[:, 5] = False  # no positive: excluded from the mean
+    S = np.round(rng.random((400, 12)) + 0.3 * Y, 2)  # rounding makes ties
+    mean, per_class = mean_average_precision(Y, S)
+    ref = np.array(
+        [average_precision_score(Y[:, k], S[:, k]) if Y[:, k].any() else np.nan for k in range(12)]
+    )
+    assert math.isnan(per_class[5])
+    np.testing.assert_allclose(per_class, ref, atol=1e-12, equal_nan=True)
+    assert mean == pytest.approx(np.nanmean(ref), abs=1e-12)
+
+
+def test_blocks_give_the_same_numbers(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(1)
+    Y = rng.random((50, 7)) < 0.3
+    S = rng.random((50, 7))
+    whole = mean_average_precision(Y, S)[1]
+    monkeypatch.setattr(metrics, "_BLOCK_ELEMENTS", 100)  # 2 columns per block
+    np.testing.assert_array_equal(mean_average_precision(Y, S)[1], whole)
+
+
+def test_mean_is_nan_without_any_positive() -> None:
+    mean, per_class = mean_average_precision(np.zeros((3, 2)), np.ones((3, 2)))
+    assert math.isnan(mean) and np.isnan(per_class).all()
+
+
+def test_rejects_bad_inputs() -> None:
+    with pytest.raises(ValueError, match=r"labels have shape \(3,\) but scores have shape \(4,\)"):
+        average_precision(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="finite"):
+        average_precision(np.array([1, 0]), np.array([np.nan, 0.5]))
+    with pytest.raises(ValueError, match="0/1"):
+        average_precision(np.array([2, 0]), np.array([0.1, 0.5]))
+    with pytest.raises(ValueError, match="1-D"):
+        average_precision(np.zeros((2, 2)), np.zeros((2, 2)))
+    with pytest.raises(ValueError, match="2-D"):
+        mean_average_precision(np.zeros(2), np.zeros(2))
