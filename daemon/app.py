@@ -17,12 +17,10 @@ import queue
 import signal
 import threading
 import time
-from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import zmq
 
 from polymorphd.daemon.config import DaemonConfig, load_config, overrides_from_args, summary
@@ -30,19 +28,20 @@ from polymorphd.daemon.control import ControlServer
 from polymorphd.daemon.metrics import Metrics
 from polymorphd.daemon.power import Meter, probe_meter
 from polymorphd.daemon.publish import Publisher, label_payload
-from polymorphd.daemon.sources import FrameSource, Opener
+from polymorphd.daemon.seam import Engine, EngineFactory, EngineSlot
+from polymorphd.daemon.sources import Frame, FrameSource, Opener
+from polymorphd.daemon.stats import FrameSnapshot, FrameStats
 from polymorphd.daemon.systemd import Notifier
 from polymorphd.models.core.errors import PolymorphError
 
 log = logging.getLogger(__name__)
 
-EngineFactory = Callable[..., Any]  # (path, *, mode, providers, threads, pubkey) -> Engine
 _ENGINE_FIELDS = ("bundle", "mode", "providers", "threads", "pubkey")
 _LIVE_FIELDS = (*_ENGINE_FIELDS, "policy", "include_scores", "heartbeat_s", "log_level", "warmup_runs")
 
 
-def _default_factory(path: str, **kwargs: Any) -> Any:
-    from polymorphd.daemon.engine import load_engine
+def _default_factory(path: str, **kwargs: Any) -> Engine:
+    from polymorphd.daemon.engine import load_engine  # ONNX Runtime only once an engine is loaded
 
     return load_engine(path, **kwargs)
 
@@ -70,16 +69,10 @@ class Daemon:
     ) -> None:
         self.cfg = cfg
         self._config_path, self._overrides = config_path, overrides or {}
-        self._factory = engine_factory or _default_factory
-        self._adapter_check = adapter_check or _default_adapter_check
+        self.slot = EngineSlot(engine_factory or _default_factory, adapter_check or _default_adapter_check)
         self._opener, self.meter = opener, meter
         self.notifier = Notifier(env)
         self.state = "created"
-        self.engine: Any = None
-        self.previous: Any = None
-        self._policy_state: Any = None
-        self._knob_overrides: dict[str, Any] = {}
-        self._paths: dict[int, str] = {}  # id(engine) -> real path it came from (a `current` symlink moves)
         self._stop, self._loop_done = threading.Event(), threading.Event()
         self._loop_done.set()  # no loop is running yet
         self._signalled = self._reload_requested = False  # set by signal handlers: plain flags, no locks
@@ -89,14 +82,11 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.source: FrameSource | None = None
         self.control: ControlServer | None = None
-        self.metrics: Metrics | None = None
+        self.metrics = Metrics(cfg.camera)  # collectors only; served by start() when a port is configured
+        self.frame_stats = FrameStats(self.metrics)
         self._auth: Any = None
         self._started = time.monotonic()
-        self._pub_times: deque[float] = deque(maxlen=64)
-        self._recent: deque[dict[str, float]] = deque(maxlen=512)
-        self._energy: deque[float] = deque(maxlen=512)
-        self._exits: Counter[str] = Counter()
-        self.frames = self.frame_errors = self._failed_unreported = self._dropped_total = 0
+        self._failed_unreported = 0  # failed frames not yet reported as dropped in a label message
         self._last_status = self._last_sd_status = float("-inf")
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
@@ -104,10 +94,8 @@ class Daemon:
         cfg = self.cfg
         log.info("starting: %s", summary(cfg))
         try:
-            self.engine = self._prepare(cfg.bundle, cfg)
-            self._policy_state = self.engine.new_state()
+            self.slot.swap(self.slot.prepare(cfg.bundle, cfg))
             self.meter = self.meter or probe_meter()
-            self.metrics = Metrics(cfg.camera)
             if cfg.metrics_port:
                 self.metrics.serve(cfg.metrics_port, cfg.metrics_addr)
             self.ctx = zmq.Context()
@@ -198,12 +186,28 @@ class Daemon:
             self._auth.stop()
         if self.ctx is not None and clean:
             self.ctx.term()  # would block on the control socket if its thread were still busy
-        for closer in (self.metrics, self.meter, self.previous, self.engine):
+        for closer in (self.metrics, self.meter, self.slot):
             if closer is not None:
                 closer.close()
         self.notifier.close()
         self.state = "stopped"
         log.info("stopped after %d frames", self.frames)
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.slot.engine
+
+    @property
+    def previous(self) -> Engine | None:
+        return self.slot.previous
+
+    @property
+    def frames(self) -> int:
+        return self.frame_stats.frames
+
+    @property
+    def frame_errors(self) -> int:
+        return self.frame_stats.errors
 
     def _start_auth(self, cfg: DaemonConfig) -> None:
         import zmq.auth
@@ -235,12 +239,12 @@ class Daemon:
             self._last_sd_status = now
             self.notifier.status(self._sd_status())
 
-    def _process(self, frame: Any) -> None:
+    def _process(self, frame: Frame) -> None:
         t_start = time.time_ns()
-        engine = self.engine
+        engine, state = self.slot.engine, self.slot.state
         try:
             self._meter_call(self.meter.sample)
-            r = engine.infer(frame.image, self._policy_state)
+            r = engine.infer(frame.image, state)
             energy = self._meter_call(self.meter.energy_mj, r.infer_t0_ns, r.infer_t1_ns)
             dropped = self.source.take_dropped() + self._failed_unreported
             latency = {
@@ -267,35 +271,16 @@ class Daemon:
             latency["total"] = frame.read_ms + (time.time_ns() - frame.ts_ns) / 1e6
             body["latency_ms"]["total"] = round(latency["total"], 3)
         except Exception as exc:  # log, count, continue: one bad frame must not end the stream
-            self.frame_errors += 1
             self._failed_unreported += 1
-            self.metrics.error()
-            level = (
-                logging.WARNING if self.frame_errors <= 5 or self.frame_errors % 100 == 0 else logging.DEBUG
-            )
-            log.log(
-                level,
-                "frame %d failed (%d so far): %s: %s",
-                frame.index,
-                self.frame_errors,
-                type(exc).__name__,
-                exc,
-            )
+            n = self.frame_stats.error()
+            level = logging.WARNING if n <= 5 or n % 100 == 0 else logging.DEBUG
+            log.log(level, "frame %d failed (%d so far): %s: %s", frame.index, n, type(exc).__name__, exc)
             return
         self._failed_unreported = 0
         pub_dropped = self.publisher.dropped
         self.publisher.publish_labels(body)
-        self.metrics.publish_dropped(self.publisher.dropped - pub_dropped)
-        self.frames += 1
-        self._dropped_total += dropped
-        self._pub_times.append(time.monotonic())
-        self._recent.append(latency)
-        self._exits[str(r.exit)] += 1
-        if energy is not None:
-            self._energy.append(energy)
-        self.metrics.frame(r.exit, r.adapters, latency, energy, dropped)
-        if self.frames % 16 == 0:
-            self.metrics.fps(self.fps())
+        pub_dropped = self.publisher.dropped - pub_dropped
+        self.frame_stats.frame(r.exit, r.adapters, latency, energy, dropped, pub_dropped)
 
     def _meter_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A failing meter (a sysfs file gone, jtop died) costs the energy figure, never the labels."""
@@ -305,10 +290,6 @@ class Daemon:
             log.warning("energy meter %s failed (%s); energy_mj is null from now on", self.meter.source, exc)
             self.meter = Meter()
             return None
-
-    def fps(self) -> float:
-        t = self._pub_times
-        return (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
 
     def _between_frames(self, fn: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run fn on the frame loop at a frame boundary and return its result."""
@@ -322,57 +303,14 @@ class Daemon:
             raise PolymorphError(f"frame loop did not reach a frame boundary within {timeout:g} s") from exc
 
     # ---- engines ---------------------------------------------------------------------------------------------
-    def _prepare(self, path: str, cfg: DaemonConfig) -> Any:
-        """Verify + load + knobs + warm-up, off the frame loop; the running engine is untouched."""
-        if self.engine is not None and self._adapter_check(path):
-            new = self.engine.with_adapter_bundle(path, cfg.pubkey)
-        else:
-            new = self._factory(
-                path, mode=cfg.mode, providers=tuple(cfg.providers), threads=cfg.threads, pubkey=cfg.pubkey
-            )
-        try:
-            if cfg.policy:
-                new.set_knobs(**cfg.policy)
-            for key, value in self._knob_overrides.items():
-                try:
-                    new.set_knobs(**{key: value})
-                except PolymorphError as exc:
-                    log.warning("runtime knob %s=%r does not apply to %s: %s", key, value, new.bundle_id, exc)
-            state, rng = new.new_state(), np.random.default_rng(0)
-            for _ in range(cfg.warmup_runs):  # noise, not black: later exits and adapters get exercised too
-                new.infer(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), state)
-        except BaseException:
-            new.close()
-            raise
-        self._paths[id(new)] = os.path.realpath(path)
-        log.info("loaded %s from %s", new.bundle_id, path)
-        return new
-
-    def _swap(self, new: Any) -> dict[str, Any]:
-        retired, self.previous, self.engine = self.previous, self.engine, new
-        self._policy_state = new.new_state()  # policy history belongs to the old classes/contexts
-        if retired is not None and retired is not new:
-            self._paths.pop(id(retired), None)
-            retired.close()
-        log.info("now serving %s (previous %s)", new.bundle_id, self.previous.bundle_id)
-        return {"bundle": new.bundle_id, "previous": self.previous.bundle_id}
-
     def _load(self, path: str, cfg: DaemonConfig) -> dict[str, Any]:
         with self._load_lock:
-            new = self._prepare(path, cfg)
+            new = self.slot.prepare(path, cfg)  # off the frame loop: the serving engine is untouched
             try:
-                return self._between_frames(lambda: self._swap(new))
+                return self._between_frames(lambda: self.slot.swap(new))
             except BaseException:
                 new.close()
                 raise
-
-    def _rollback(self) -> dict[str, Any]:
-        if self.previous is None:
-            raise PolymorphError("rollback: no previous bundle (nothing was loaded since start)")
-        self.engine, self.previous = self.previous, self.engine
-        self._policy_state = self.engine.new_state()
-        log.info("rolled back to %s", self.engine.bundle_id)
-        return {"bundle": self.engine.bundle_id, "previous": self.previous.bundle_id}
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config; reload the bundle when its fields changed or its path now resolves elsewhere
@@ -384,7 +322,7 @@ class Daemon:
             changed = [f for f in DaemonConfig.model_fields if getattr(new, f) != getattr(old, f)]
             reply: dict[str, Any] = {"restart_required": [f for f in changed if f not in _LIVE_FIELDS]}
             merged = old.model_copy(update={f: getattr(new, f) for f in _LIVE_FIELDS})
-            moved = os.path.realpath(merged.bundle) != self._paths.get(id(self.engine))
+            moved = self.slot.moved(merged.bundle)  # a `current` symlink swapped
             if not self._config_path or moved or any(f in changed for f in _ENGINE_FIELDS):
                 reply.update(self._load(merged.bundle, merged))
                 reply["reloaded_bundle"] = True
@@ -415,30 +353,31 @@ class Daemon:
         return self._load(req["path"], self.cfg)
 
     def _cmd_rollback(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._between_frames(self._rollback)
+        return self._between_frames(self.slot.rollback)
 
     def _cmd_reload(self, req: dict[str, Any]) -> dict[str, Any]:
         return self.reload()
 
     def _cmd_set(self, req: dict[str, Any]) -> dict[str, Any]:
         knobs = {k: v for k, v in req.items() if k != "cmd"}
-        result = self._between_frames(lambda: self.engine.set_knobs(**knobs))
-        self._knob_overrides.update(knobs)
-        return {"knobs": result}
+        return {"knobs": self._between_frames(lambda: self.slot.set_knobs(**knobs))}
 
     # ---- reporting -------------------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        return self._status(self.frame_stats.snapshot())
+
+    def _status(self, snap: FrameSnapshot) -> dict[str, Any]:
         src = self.source.stats() if self.source is not None else {"state": "starting"}
         return {
             "state": self.state,
             "bundle": self.engine.bundle_id if self.engine is not None else None,
             "previous": self.previous.bundle_id if self.previous is not None else None,
             "mode": self.cfg.mode,
-            "fps": round(self.fps(), 2),
-            "frames": self.frames,
+            "fps": round(snap.fps, 2),
+            "frames": snap.frames,
             "seq": self.publisher.seq if self.publisher is not None else 0,
-            "frame_errors": self.frame_errors,
-            "dropped": self._dropped_total,
+            "frame_errors": snap.errors,
+            "dropped": snap.dropped,
             "source": src,
             "energy_source": self.meter.source if self.meter is not None else "none",
             "uptime_s": round(time.monotonic() - self._started, 1),
@@ -446,21 +385,12 @@ class Daemon:
         }
 
     def stats(self) -> dict[str, Any]:
-        lat: dict[str, dict[str, float]] = {}
-        recent, energy = list(self._recent), list(self._energy)  # copies: the frame loop appends meanwhile
-        if recent:
-            for stage in recent[-1]:
-                v = np.array([d[stage] for d in recent if stage in d])
-                lat[stage] = {
-                    "mean": round(float(v.mean()), 3),
-                    "p50": round(float(np.percentile(v, 50)), 3),
-                    "p95": round(float(np.percentile(v, 95)), 3),
-                }
+        snap = self.frame_stats.snapshot()  # one snapshot: the status part and the summaries agree
         return {
-            **self.status(),
-            "exits": dict(self._exits),
-            "latency_ms": lat,
-            "energy_mj_mean": round(float(np.mean(energy)), 4) if energy else None,
+            **self._status(snap),
+            "exits": snap.exits,
+            "latency_ms": snap.latency_ms(),
+            "energy_mj_mean": snap.energy_mj_mean(),
             "published": self.publisher.sent if self.publisher else 0,
             "publish_dropped": self.publisher.dropped if self.publisher else 0,
             "knobs": self.engine.knobs() if self.engine is not None else {},
@@ -474,7 +404,8 @@ class Daemon:
 
     def _sd_status(self) -> str:
         bundle = self.engine.bundle_id if self.engine is not None else "-"
-        return f"{bundle}, {self.fps():.1f} fps, {self.frames} frames"
+        snap = self.frame_stats.snapshot()
+        return f"{bundle}, {snap.fps:.1f} fps, {snap.frames} frames"
 
 
 def cli_serve(args: argparse.Namespace) -> int:
