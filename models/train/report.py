@@ -1,19 +1,17 @@
-"""RUN/report.json and RUN/report.md: what a training run achieved, in numbers and tables.
+"""A training run's report: what it achieved, in numbers (``build_report``) and tables (``render_markdown``).
 
-Built only from the stage records in stages.json plus the configs, so a resumed
-run reports the same numbers as an uninterrupted one.
+Built only from the stage records plus the configs, so a resumed run reports the
+same numbers as an uninterrupted one; ``run.save_report`` writes both forms.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from polymorphd.models.core.cost import block_flops, count_params, embed_flops, full_flops, gflops, lora_flops
 from polymorphd.models.nn.lora import ContextAdapter
 from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
 from polymorphd.models.train.presets import Preset
-from polymorphd.models.train.run import write_json
 
 
 def map_definition(split: str) -> str:
@@ -51,7 +49,7 @@ def build_report(
     vit: VisionTransformer,
     preset: Preset,
 ) -> dict[str, Any]:
-    """Assemble report.json from stage records (``{stage: {"seconds": s, "result": {...}}}``)."""
+    """Assemble the report from stage records (``{stage: {"seconds": s, "result": {...}}}``)."""
     res = {k: v.get("result", {}) for k, v in records.items()}
     timings = {k: round(float(v["seconds"]), 2) for k, v in records.items()}
     timings["total"] = round(sum(timings.values()), 2)
@@ -154,10 +152,3 @@ def render_markdown(r: dict[str, Any]) -> str:
         *_table(list(r["timings"]), [[f"{v:.1f}" for v in r["timings"].values()]]),
     ]  # fmt: skip
     return "\n".join(lines)
-
-
-def write_report(run_dir: Path, report: dict[str, Any]) -> None:
-    write_json(run_dir / "report.json", report)
-    tmp = run_dir / "report.md.tmp"
-    tmp.write_text(render_markdown(report) + "\n", encoding="utf-8")
-    tmp.replace(run_dir / "report.md")

@@ -1,4 +1,7 @@
-"""A training run directory: what ``polymorphd train`` writes and ``polymorphd export`` reads.
+"""A training run directory: its layout, and one save and one load per artifact.
+
+``polymorphd train`` writes it stage by stage, ``polymorphd export`` reads it
+(``load_run``); this module is the only one that spells its file names.
 
 ```
 RUN/
@@ -15,6 +18,7 @@ RUN/
 ```
 
 Checkpoints carry the configs needed to rebuild every module (nanoGPT's ``model_args``).
+Every write is atomic (temporary file, then ``os.replace``), so a crash never leaves half a file.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,20 @@ from polymorphd.models.core.errors import CheckpointError
 from polymorphd.models.nn.exits import ExitConfig, build_exit
 from polymorphd.models.nn.lora import ContextAdapter, LoRAConfig
 from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
+
+# The layout: the one place these names are written.
+CONFIG = "config.json"
+BACKBONE = "backbone.pt"
+EXITS = "exits.pt"
+CONTEXTS = "contexts.json"
+ADAPTERS = "adapters.pt"
+CALIBRATION = "calibration.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+STAGE_LOG = "stages.json"
+FILES = (CONFIG, BACKBONE, EXITS, CONTEXTS, ADAPTERS, CALIBRATION, REPORT_JSON, REPORT_MD, STAGE_LOG)
+
+Device = str | torch.device
 
 
 @dataclass
@@ -54,12 +74,21 @@ class Run:
         return self.vit.cfg
 
 
+# --- atomic files ---------------------------------------------------------------------------------
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Atomic JSON write: a crash never leaves a half-written file behind."""
     path = Path(path)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(obj, f, indent=2)
         tmp = f.name
+    os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -81,10 +110,132 @@ def read_json(path: Path) -> Any:
         raise CheckpointError(f"run file {path} is not valid JSON: {exc}") from exc
 
 
-def _load_state(path: Path) -> Any:
+def _load_state(path: Path, device: Device = "cpu") -> Any:
     if not path.exists():
         raise CheckpointError(f"run file {path} is missing: is the run complete? (re-run polymorphd train)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+# --- one save and one load per artifact, in stage order -----------------------------------------------
+
+
+def has_config(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run already (it is then resumed, never overwritten)."""
+    return (Path(run_dir) / CONFIG).exists()
+
+
+def save_config(run_dir: Path, config: dict[str, Any]) -> None:
+    """Create the run directory with its config (the first file of a run)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / CONFIG, config)
+
+
+def load_config(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / CONFIG)
+
+
+def save_backbone(run_dir: Path, vit: VisionTransformer) -> None:
+    save_torch(Path(run_dir) / BACKBONE, vit.state_dict())
+
+
+def load_backbone(run_dir: Path, vit: VisionTransformer, device: Device = "cpu") -> VisionTransformer:
+    """Load the saved generalist's weights into ``vit`` (built from the run's config); returns it."""
+    vit.load_state_dict(_load_state(Path(run_dir) / BACKBONE, device))
+    return vit
+
+
+def save_exits(run_dir: Path, exits: Sequence[torch.nn.Module]) -> None:
+    """The deployed exits, in the order of config["exits"]."""
+    save_torch(Path(run_dir) / EXITS, [m.state_dict() for m in exits])
+
+
+def load_exits(
+    run_dir: Path,
+    vit_cfg: ViTConfig,
+    exit_cfgs: Sequence[ExitConfig],
+    device: Device = "cpu",
+    *,
+    fused_attn: bool = True,
+) -> list[torch.nn.Module]:
+    """The saved exits as trained (eval mode), one per config; ``load_run`` adds calibration."""
+    path = Path(run_dir) / EXITS
+    states = _load_state(path, device)
+    if len(states) != len(exit_cfgs):
+        raise CheckpointError(f"{path} holds {len(states)} exits, {CONFIG} lists {len(exit_cfgs)}")
+    exits = []
+    for ec, st in zip(exit_cfgs, states, strict=True):
+        m = build_exit(vit_cfg, ec, fused_attn=fused_attn).to(device)
+        m.load_state_dict(st)
+        exits.append(m.eval())
+    return exits
+
+
+def save_contexts(run_dir: Path, contexts: list[list[int]], coverage: dict[str, float]) -> None:
+    write_json(Path(run_dir) / CONTEXTS, {"contexts": contexts, "coverage": coverage})
+
+
+def load_contexts(run_dir: Path) -> list[list[int]]:
+    return read_json(Path(run_dir) / CONTEXTS)["contexts"]
+
+
+def save_adapters(run_dir: Path, adapters: Sequence[ContextAdapter]) -> None:
+    """One adapter per context, in the order of the saved contexts."""
+    save_torch(Path(run_dir) / ADAPTERS, [a.state_dict() for a in adapters])
+
+
+def load_adapters(
+    run_dir: Path, vit_cfg: ViTConfig, lora_cfg: LoRAConfig, num_contexts: int, device: Device = "cpu"
+) -> list[ContextAdapter]:
+    path = Path(run_dir) / ADAPTERS
+    states = _load_state(path, device)
+    if len(states) != num_contexts:
+        raise CheckpointError(f"{path} holds {len(states)} adapters for {num_contexts} contexts")
+    adapters = []
+    for st in states:
+        a = ContextAdapter(vit_cfg, lora_cfg).to(device)
+        a.load_state_dict(st)
+        adapters.append(a.eval())
+    return adapters
+
+
+def save_calibration(run_dir: Path, calibration: dict[str, Any]) -> None:
+    write_json(Path(run_dir) / CALIBRATION, calibration)
+
+
+def load_calibration(run_dir: Path) -> dict[str, Any]:
+    return read_json(Path(run_dir) / CALIBRATION)
+
+
+def save_report(run_dir: Path, report: dict[str, Any], markdown: str) -> None:
+    """The report as data (JSON) and for people (Markdown, rendered by ``report.render_markdown``)."""
+    write_json(Path(run_dir) / REPORT_JSON, report)
+    write_text(Path(run_dir) / REPORT_MD, markdown + "\n")
+
+
+def load_report(run_dir: Path) -> dict[str, Any]:
+    """The run's report, or ``{}`` for a run written without one (tests and tools)."""
+    path = Path(run_dir) / REPORT_JSON
+    return read_json(path) if path.exists() else {}
+
+
+class StageLog:
+    """stages.json: ``{"stages": {name: {"seconds": s, "finished": t, "result": {...}}}}`` in completion order."""
+
+    def __init__(self, run_dir: Path, write: bool) -> None:
+        self.path, self.write = Path(run_dir) / STAGE_LOG, write
+        self.records: dict[str, dict[str, Any]] = read_json(self.path)["stages"] if self.path.exists() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.records
+
+    def record(self, name: str, seconds: float, result: dict[str, Any]) -> None:
+        self.records[name] = {"seconds": round(seconds, 3), "finished": time.time(), "result": result}
+        if self.write:
+            write_json(self.path, {"stages": self.records})
+
+
+# --- a whole run ----------------------------------------------------------------------------------------
 
 
 def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
@@ -92,45 +243,25 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"run directory {path} does not exist")
-    cfg = read_json(path / "config.json")
+    cfg = load_config(path)
     vit_cfg = ViTConfig(**cfg["vit"])
     lora_cfg = LoRAConfig(**{**cfg["lora"], "targets": tuple(cfg["lora"]["targets"])})
-    vit = VisionTransformer(vit_cfg, fused_attn=fused_attn)
-    vit.load_state_dict(_load_state(path / "backbone.pt"))
+    vit = load_backbone(path, VisionTransformer(vit_cfg, fused_attn=fused_attn))
     exit_cfgs = [ExitConfig(**e) for e in cfg["exits"]]
-    exit_states = _load_state(path / "exits.pt")
-    if len(exit_states) != len(exit_cfgs):
-        raise CheckpointError(
-            f"{path / 'exits.pt'} holds {len(exit_states)} exits, config.json lists {len(exit_cfgs)}"
-        )
-    calibration = read_json(path / "calibration.json")
+    exits = load_exits(path, vit_cfg, exit_cfgs, fused_attn=fused_attn)
+    calibration = load_calibration(path)
     cal_exits = calibration.get("exits", [])
-    exits = []
-    for i, (ec, st) in enumerate(zip(exit_cfgs, exit_states, strict=True)):
-        m = build_exit(vit_cfg, ec, fused_attn=fused_attn)
-        m.load_state_dict(st)
+    for i, m in enumerate(exits):
         offsets = cal_exits[i].get("logit_offsets") if i < len(cal_exits) else None
         if offsets is not None:  # the deployed exit is the calibrated one: class thresholds centred at 0.5
             if len(offsets) != vit_cfg.num_classes:
                 raise CheckpointError(
-                    f"{path / 'calibration.json'}: exit {i} has {len(offsets)} logit_offsets for "
+                    f"{path / CALIBRATION}: exit {i} has {len(offsets)} logit_offsets for "
                     f"{vit_cfg.num_classes} classes"
                 )
             with torch.no_grad():
                 m.head.bias.sub_(torch.tensor(offsets, dtype=m.head.bias.dtype))
-        exits.append(m.eval())
-    contexts = read_json(path / "contexts.json")["contexts"]
-    adapter_states = _load_state(path / "adapters.pt")
-    if len(adapter_states) != len(contexts):
-        raise CheckpointError(
-            f"{path / 'adapters.pt'} holds {len(adapter_states)} adapters for {len(contexts)} contexts"
-        )
-    adapters = []
-    for st in adapter_states:
-        a = ContextAdapter(vit_cfg, lora_cfg)
-        a.load_state_dict(st)
-        adapters.append(a.eval())
-    report_path = path / "report.json"
+    contexts = load_contexts(path)
     return Run(
         path=path,
         config=cfg,
@@ -139,9 +270,9 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
         exit_configs=exit_cfgs,
         lora=lora_cfg,
         contexts=contexts,
-        adapters=adapters,
+        adapters=load_adapters(path, vit_cfg, lora_cfg, len(contexts)),
         calibration=calibration,
-        report=read_json(report_path) if report_path.exists() else {},
+        report=load_report(path),
     )
 
 
@@ -156,12 +287,10 @@ def save_run_modules(
     adapters: list[ContextAdapter],
     calibration: dict[str, Any],
 ) -> None:
-    """Write a complete run in one go (tests and tools; ``train`` writes stage by stage with the same files)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    write_json(path / "config.json", config)
-    save_torch(path / "backbone.pt", vit.state_dict())
-    save_torch(path / "exits.pt", [e.state_dict() for e in exits])
-    write_json(path / "contexts.json", {"contexts": contexts, "coverage": coverage})
-    save_torch(path / "adapters.pt", [a.state_dict() for a in adapters])
-    write_json(path / "calibration.json", calibration)
+    """Write a complete run in one go (tests and tools; ``train`` writes stage by stage, the same files)."""
+    save_config(path, config)
+    save_backbone(path, vit)
+    save_exits(path, exits)
+    save_contexts(path, contexts, coverage)
+    save_adapters(path, adapters)
+    save_calibration(path, calibration)

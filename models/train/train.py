@@ -1,18 +1,21 @@
 """``polymorphd train``: generalist, exits (copycat), contexts, adapters, calibration, report.
 
-Stages run in order and write the RUN directory (``models/train/run.py`` documents the
-format that export reads). ``stages.json`` records every finished stage with its
-wall time and numbers, so re-running ``polymorphd train --out RUN`` skips what
-is done. Frames are loaded once, at the model input size. Works under torchrun
-(``models/train/distributed.py``): every rank trains its shard, rank 0 writes.
+``train`` runs ``PIPELINE`` in order: each stage is trained and saved, or, when the
+run's stage log says it finished, loaded, so re-running ``polymorphd train --out RUN``
+skips what is done. ``models/train/run.py`` owns the RUN directory (its files and
+their save/load functions; export reads it back with ``load_run``). Frames are loaded
+once, at the model input size. Works under torchrun (``models/train/distributed.py``):
+every rank trains its shard, rank 0 writes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,20 +35,18 @@ from polymorphd.models.data.tao import (
     split_by_video,
 )
 from polymorphd.models.nn.checkpoint import init_from as load_init
-from polymorphd.models.nn.exits import build_exit
+from polymorphd.models.nn.lora import ContextAdapter
 from polymorphd.models.nn.vit import VisionTransformer
-from polymorphd.models.train import distributed, stages
+from polymorphd.models.train import distributed, run, stages
 from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx, SplitData
 from polymorphd.models.train.presets import Preset, get_preset
-from polymorphd.models.train.report import build_report, write_report
-from polymorphd.models.train.run import read_json, save_torch, write_json
+from polymorphd.models.train.report import build_report, render_markdown
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generalist", "exits", "contexts", "adapters", "calibration")
 HELDOUT_FRACTION = 0.2  # share of train videos held out for calibration when there is no validation split
-# config.json keys that must agree when a run is resumed
+# run config keys that must agree when a run is resumed
 RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from")
 
 
@@ -74,7 +75,7 @@ def load_boxes(split: TaoSplit, frames: list[Frame], class_ids: list[int], size:
     out rather than failing the run; the loader has already validated everything labels depend on.
     """
     path = split.root / "annotations" / f"{split.name}.json"
-    doc = read_json(path)
+    doc = json.loads(path.read_text())
     column = {cid: k for k, cid in enumerate(class_ids)}
     sizes = {im["id"]: (im.get("width"), im.get("height")) for im in doc["images"]}
     per_image: dict[int, list[list[float]]] = {}
@@ -146,22 +147,6 @@ def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = Fa
     return Dataset(root, train.category_names(), class_ids, sets["train"], sets["calib"], sets["report"])
 
 
-class StageLog:
-    """stages.json: ``{"stages": {name: {"seconds": s, "result": {...}}}}`` in completion order."""
-
-    def __init__(self, path: Path, write: bool) -> None:
-        self.path, self.write = path, write
-        self.records: dict[str, dict[str, Any]] = read_json(path)["stages"] if path.exists() else {}
-
-    def done(self, name: str) -> bool:
-        return name in self.records
-
-    def record(self, name: str, seconds: float, result: dict[str, Any]) -> None:
-        self.records[name] = {"seconds": round(seconds, 3), "finished": time.time(), "result": result}
-        if self.write:
-            write_json(self.path, {"stages": self.records})
-
-
 def _config(
     preset: Preset, data: Dataset, spec: InputSpec, seed: int, init_from: str | None
 ) -> dict[str, Any]:
@@ -182,22 +167,143 @@ def _config(
     }
 
 
-def _check_resume(path: Path, config: dict[str, Any]) -> None:
-    old = read_json(path)
-    norm = read_json_roundtrip(config)
-    diff = [k for k in RESUME_KEYS if old.get(k) != norm.get(k)]
-    if diff:
-        raise ConfigError(
-            f"{path.parent} holds a run with different {', '.join(diff)} than this command asks for; "
-            "resume with the same --preset/--epochs/--seed/--init-from and dataset classes, or choose a new --out"
-        )
+def _open_run(out: Path, config: dict[str, Any], env: DistEnv) -> None:
+    """Start a new run directory, or resume the one at ``out`` if it was started with the same settings."""
+    if run.has_config(out):
+        old, new = run.load_config(out), read_json_roundtrip(config)
+        diff = [k for k in RESUME_KEYS if old.get(k) != new.get(k)]
+        if diff:
+            raise ConfigError(
+                f"{out} holds a run with different {', '.join(diff)} than this command asks for; resume "
+                "with the same --preset/--epochs/--seed/--init-from and dataset classes, or choose a new --out"
+            )
+    elif env.is_main:
+        run.save_config(out, config)
 
 
 def read_json_roundtrip(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists), for comparisons with a saved config."""
-    import json
-
     return json.loads(json.dumps(obj))
+
+
+# --- the stages -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    """What the stages share: the data and settings, and what each stage built for the ones after it."""
+
+    data: Dataset
+    ctx: Ctx
+    init_from: str | None
+    vit: VisionTransformer
+    exits: list[torch.nn.Module] = field(default_factory=list)
+    contexts: list[list[int]] = field(default_factory=list)
+    coverage: dict[str, float] = field(default_factory=dict)
+    adapters: list[ContextAdapter] = field(default_factory=list)
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of a run. ``train`` fills the job and returns the numbers the stage log keeps; ``save``
+    writes what it built through ``run`` (rank 0 only); ``load`` restores it when the stage is already
+    done (None: no later stage reads it)."""
+
+    name: str
+    train: Callable[[Job], dict[str, Any]]
+    save: Callable[[Path, Job], None]
+    load: Callable[[Path, Job], None] | None = None
+
+
+def _generalist(job: Job) -> dict[str, Any]:
+    vit, d = job.vit, job.data
+    notes = load_init(vit, job.init_from, num_classes=vit.cfg.num_classes) if job.init_from else []
+    return stages.train_generalist(vit, d.train, d.calib, d.report, job.ctx) | {"init_notes": notes}
+
+
+def _exits(job: Job) -> dict[str, Any]:
+    d = job.data
+    modules, results = stages.train_exits(job.vit, d.train, d.calib, d.report, job.ctx)
+    variants = stages.exit_variants(job.ctx.preset)  # every variant is reported, only SL-ViT copycat deployed
+    job.exits = [
+        m for m, (kind, copycat, _) in zip(modules, variants, strict=True) if kind == "slvit" and copycat
+    ]
+    return {"variants": results}
+
+
+def _load_exits(out: Path, job: Job) -> None:
+    job.exits = run.load_exits(out, job.vit.cfg, job.ctx.preset.exit_configs("slvit"), job.ctx.env.device)
+
+
+def _contexts(job: Job) -> dict[str, Any]:
+    Y = job.data.train.Y
+    job.contexts = cluster_contexts(Y, max_size=job.ctx.preset.max_context_size)
+    job.coverage = coverage(Y, job.contexts)
+    return {
+        "contexts": job.contexts,
+        "coverage": job.coverage,
+        "coverage_report": coverage(job.data.report.Y, job.contexts),
+    }
+
+
+def _load_contexts(out: Path, job: Job) -> None:
+    job.contexts = run.load_contexts(out)
+
+
+def _adapters(job: Job) -> dict[str, Any]:
+    d = job.data
+    job.adapters, results = stages.train_adapters(job.vit, job.contexts, d.train, d.calib, d.report, job.ctx)
+    return {"adapters": results}
+
+
+def _calibration(job: Job) -> dict[str, Any]:
+    job.calibration = stages.calibrate(job.vit, job.exits, job.data.calib, job.ctx)
+    return job.calibration
+
+
+# In order; a stage may read what the stages before it built.
+PIPELINE = (
+    Stage(
+        "generalist",
+        _generalist,
+        save=lambda out, job: run.save_backbone(out, job.vit),
+        load=lambda out, job: run.load_backbone(out, job.vit, job.ctx.env.device),
+    ),
+    Stage("exits", _exits, save=lambda out, job: run.save_exits(out, job.exits), load=_load_exits),
+    Stage(
+        "contexts",
+        _contexts,
+        save=lambda out, job: run.save_contexts(out, job.contexts, job.coverage),
+        load=_load_contexts,
+    ),
+    Stage("adapters", _adapters, save=lambda out, job: run.save_adapters(out, job.adapters)),
+    Stage("calibration", _calibration, save=lambda out, job: run.save_calibration(out, job.calibration)),
+)
+STAGES = tuple(s.name for s in PIPELINE)
+
+
+def _run_stage(
+    stage: Stage, seed: int, job: Job, out: Path, stage_log: run.StageLog, result: TrainResult
+) -> None:
+    """Load ``stage`` if the stage log says it is done, else train it, save it (rank 0) and record it."""
+    if stage_log.done(stage.name):
+        if stage.load is not None:
+            stage.load(out, job)
+        result.skipped.append(stage.name)
+        log.info("stage %s: already done, skipped", stage.name)
+        return
+    env = job.ctx.env
+    torch.manual_seed(seed)  # per stage, so a resumed stage trains exactly as in an uninterrupted run
+    start = time.perf_counter()
+    res = stage.train(job)
+    if env.is_main:
+        stage.save(out, job)
+    distributed.barrier(env)
+    secs = time.perf_counter() - start
+    stage_log.record(stage.name, secs, res)
+    result.ran.append(stage.name)
+    log.info("stage %s done in %.1f s", stage.name, secs)
 
 
 def train(
@@ -219,16 +325,9 @@ def train(
     data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
-    config = _config(preset, data, spec, seed, init_from)
-    if (out / "config.json").exists():
-        _check_resume(out / "config.json", config)
-    elif env.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config)
+    _open_run(out, _config(preset, data, spec, seed, init_from), env)
     distributed.barrier(env)
-    ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
-    stage_log = StageLog(out / "stages.json", write=env.is_main)
-    result = TrainResult(out, {})
+    stage_log = run.StageLog(out, write=env.is_main)
     log.info(
         "training %s on %s: %d classes, %d/%d/%d frames (train/%s/%s), device %s, world %d",
         preset.name, data.root, len(data.classes), len(data.train.Y), len(data.calib.Y), len(data.report.Y),
@@ -236,77 +335,11 @@ def train(
     )  # fmt: skip
 
     torch.manual_seed(seed)
-    vit = VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device)
-    exits: list[torch.nn.Module] = []
-    contexts: list[list[int]] = []
-
-    def run_stage(name: str, fn, load) -> None:
-        if stage_log.done(name):
-            load()
-            result.skipped.append(name)
-            log.info("stage %s: already done, skipped", name)
-            return
-        torch.manual_seed(seed + STAGES.index(name))
-        start = time.perf_counter()
-        res = fn()
-        distributed.barrier(env)
-        secs = time.perf_counter() - start
-        stage_log.record(name, secs, res)
-        result.ran.append(name)
-        log.info("stage %s done in %.1f s", name, secs)
-
-    def generalist() -> dict:
-        notes = load_init(vit, init_from, num_classes=vit.cfg.num_classes) if init_from else []
-        res = stages.train_generalist(vit, data.train, data.calib, data.report, ctx)
-        if env.is_main:
-            save_torch(out / "backbone.pt", vit.state_dict())
-        return res | {"init_notes": notes}
-
-    def load_backbone() -> None:
-        vit.load_state_dict(torch.load(out / "backbone.pt", map_location=env.device, weights_only=True))
-
-    def train_exits() -> dict:
-        modules, results = stages.train_exits(vit, data.train, data.calib, data.report, ctx)
-        variants = stages.exit_variants(preset)
-        exits[:] = [m for m, (k, c, _) in zip(modules, variants, strict=True) if k == "slvit" and c]
-        if env.is_main:
-            save_torch(out / "exits.pt", [m.state_dict() for m in exits])
-        return {"variants": results}
-
-    def load_exits() -> None:
-        states = torch.load(out / "exits.pt", map_location=env.device, weights_only=True)
-        for ec, st in zip(preset.exit_configs("slvit"), states, strict=True):
-            m = build_exit(vit.cfg, ec).to(env.device)
-            m.load_state_dict(st)
-            exits.append(m.eval())
-
-    def make_contexts() -> dict:
-        contexts[:] = cluster_contexts(data.train.Y, max_size=preset.max_context_size)
-        cov = coverage(data.train.Y, contexts)
-        if env.is_main:
-            write_json(out / "contexts.json", {"contexts": contexts, "coverage": cov})
-        return {"contexts": contexts, "coverage": cov, "coverage_report": coverage(data.report.Y, contexts)}
-
-    def load_contexts() -> None:
-        contexts[:] = read_json(out / "contexts.json")["contexts"]
-
-    def train_adapters() -> dict:
-        adapters, results = stages.train_adapters(vit, contexts, data.train, data.calib, data.report, ctx)
-        if env.is_main:
-            save_torch(out / "adapters.pt", [a.state_dict() for a in adapters])
-        return {"adapters": results}
-
-    def calibrate() -> dict:
-        calib = stages.calibrate(vit, exits, data.calib, ctx)
-        if env.is_main:
-            write_json(out / "calibration.json", calib)
-        return calib
-
-    run_stage("generalist", generalist, load_backbone)
-    run_stage("exits", train_exits, load_exits)
-    run_stage("contexts", make_contexts, load_contexts)
-    run_stage("adapters", train_adapters, lambda: None)
-    run_stage("calibration", calibrate, lambda: None)
+    ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
+    job = Job(data, ctx, init_from, VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device))
+    result = TrainResult(out, {})
+    for i, stage in enumerate(PIPELINE):
+        _run_stage(stage, seed + i, job, out, stage_log, result)
 
     meta = {
         "dataset": str(data.root),
@@ -326,9 +359,9 @@ def train(
         "threads": torch.get_num_threads(),
         "load_data_seconds": round(load_s, 2),
     }
-    result.report = build_report(meta=meta, records=stage_log.records, vit=vit, preset=preset)
+    result.report = build_report(meta=meta, records=stage_log.records, vit=job.vit, preset=preset)
     if env.is_main:
-        write_report(out, result.report)
+        run.save_report(out, result.report, render_markdown(result.report))
     log.info(
         "run %s complete in %.1f s (ran %s)",
         out,
@@ -340,7 +373,7 @@ def train(
 
 def _summary(r: dict[str, Any], out: Path) -> list[str]:
     lines = [
-        f"run written to {out} (report.md, report.json)",
+        f"run written to {out} ({run.REPORT_MD}, {run.REPORT_JSON})",
         f"  generalist mAP {_num(r['generalist'].get('map'))}",
     ]
     for e in r["exits"]:

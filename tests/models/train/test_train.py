@@ -78,6 +78,12 @@ def test_run_directory_loads_and_matches_the_preset(run) -> None:
     assert set().union(*map(set, r.contexts)) == set(range(8))
 
 
+def test_a_finished_run_holds_exactly_the_layouts_files(run) -> None:
+    from polymorphd.models.train.run import FILES
+
+    assert sorted(p.name for p in run[0].iterdir()) == sorted(FILES)
+
+
 def test_report_fields_are_present_and_numeric(run) -> None:
     out, res = run
     rep = json.loads((out / "report.json").read_text())
