@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from polymorphd.models.core.errors import BundleError
+from polymorphd.models.core.lora_targets import TARGETS, target_dims
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -21,9 +22,9 @@ SIGNATURE = "manifest.sig"
 REPORT = "export_report.json"
 Kind = Literal["full", "adapters"]
 
-# LoRA / tail-linear target -> (in, out) in terms of the model's embed_dim "c" and mlp_hidden "h".
-TARGET_DIMS = {"attn.qkv": ("c", "3c"), "attn.proj": ("c", "c"), "mlp.fc1": ("c", "h"), "mlp.fc2": ("h", "c")}
-TAIL_TARGETS = tuple(TARGET_DIMS)
+TAIL_TARGETS = (
+    TARGETS  # every linear of a tail block: tail_weights.onnx's inputs (models/core/lora_targets.py)
+)
 
 
 @dataclass
@@ -155,10 +156,12 @@ class Manifest:
 
     def target_dims(self, target: str) -> tuple[int, int]:
         """(in, out) of a tail linear / LoRA target, from ``model``."""
-        m = self.model
-        dims = {"c": m["embed_dim"], "3c": 3 * m["embed_dim"], "h": m["mlp_hidden"]}
-        fin, fout = TARGET_DIMS[target]
-        return dims[fin], dims[fout]
+        try:
+            return target_dims(target, self.model["embed_dim"], self.model["mlp_hidden"])
+        except ValueError as exc:
+            raise BundleError(
+                f"{MANIFEST}: {exc}; the bundle names a layer this polymorphd lacks: re-export it"
+            ) from exc
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -17,18 +17,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from polymorphd.models.core.lora_targets import TARGETS, target_dims
+
 if TYPE_CHECKING:
     from polymorphd.models.nn.exits import ExitConfig
     from polymorphd.models.nn.lora import LoRAConfig
     from polymorphd.models.nn.vit import ViTConfig
-
-# LoRA target -> (in_features, out_features) as multiples of (embed_dim, mlp hidden).
-_TARGET_DIMS = {
-    "attn.qkv": ("c", "3c"),
-    "attn.proj": ("c", "c"),
-    "mlp.fc1": ("c", "h"),
-    "mlp.fc2": ("h", "c"),
-}
 
 
 def linear_flops(n_tokens: int, fin: int, fout: int) -> int:
@@ -37,10 +31,9 @@ def linear_flops(n_tokens: int, fin: int, fout: int) -> int:
 
 
 def _block(n: int, c: int, hidden: int) -> int:
-    qkv_proj = linear_flops(n, c, 3 * c) + linear_flops(n, c, c)
+    linears = sum(linear_flops(n, *target_dims(t, c, hidden)) for t in TARGETS)
     attn = 2 * (2 * n * n * c)  # Q K^T and A V, summed over heads
-    mlp = linear_flops(n, c, hidden) + linear_flops(n, hidden, c)
-    return qkv_proj + attn + mlp
+    return linears + attn
 
 
 def block_flops(cfg: ViTConfig, n_tokens: int | None = None) -> int:
@@ -88,10 +81,10 @@ def exit_flops(vit_cfg: ViTConfig, exit_cfg: ExitConfig) -> int:
 def lora_flops(cfg: ViTConfig, lora_cfg: LoRAConfig, n_tokens: int | None = None) -> int:
     """One adapter's low-rank deltas over its tail blocks: ``x A^T`` then ``(.) B^T`` per target."""
     n = cfg.num_tokens if n_tokens is None else n_tokens
-    dims = {"c": cfg.embed_dim, "3c": 3 * cfg.embed_dim, "h": int(cfg.embed_dim * cfg.mlp_ratio)}
+    c, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
     per_block = 0
     for t in lora_cfg.targets:
-        fin, fout = (dims[d] for d in _TARGET_DIMS[t])
+        fin, fout = target_dims(t, c, h)
         per_block += linear_flops(n, fin, lora_cfg.rank) + linear_flops(n, lora_cfg.rank, fout)
     return lora_cfg.last_blocks * per_block
 

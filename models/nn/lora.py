@@ -18,16 +18,15 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from polymorphd.models.core.lora_targets import TARGETS, target_dims
 from polymorphd.models.nn.vit import LoraDeltas, VisionTransformer, ViTConfig
-
-TARGETS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 
 
 @dataclass(frozen=True)
 class LoRAConfig:
     rank: int = 4
     alpha: float = 8.0  # scale = alpha / rank, loralib's convention
-    targets: tuple[str, ...] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+    targets: tuple[str, ...] = TARGETS
     last_blocks: int = 2  # the paper adapts only the final blocks: shared trunk tokens stay reusable
 
     def __post_init__(self) -> None:
@@ -49,12 +48,6 @@ class LoRAConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _target_shape(cfg: ViTConfig, target: str) -> tuple[int, int]:
-    """(in_features, out_features) of a target linear layer."""
-    c, h = cfg.embed_dim, int(cfg.embed_dim * cfg.mlp_ratio)
-    return {"attn.qkv": (c, 3 * c), "attn.proj": (c, c), "mlp.fc1": (c, h), "mlp.fc2": (h, c)}[target]
 
 
 def tail_start(vit_cfg: ViTConfig, lora_cfg: LoRAConfig) -> int:
@@ -79,8 +72,9 @@ class ContextAdapter(nn.Module):
         self.start = tail_start(vit_cfg, cfg)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
+        c, h = vit_cfg.embed_dim, int(vit_cfg.embed_dim * vit_cfg.mlp_ratio)
         for name in self.param_names():
-            fin, fout = _target_shape(vit_cfg, name.target)
+            fin, fout = target_dims(name.target, c, h)
             a = torch.empty(cfg.rank, fin)
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
             self.lora_A[name.key] = nn.Parameter(a)

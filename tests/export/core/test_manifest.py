@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from polymorphd.export.core.manifest import Manifest, base_files, base_hash, load_manifest, sha256_file
+from polymorphd.export.core.manifest import (
+    TAIL_TARGETS,
+    Manifest,
+    base_files,
+    base_hash,
+    load_manifest,
+    sha256_file,
+)
 from polymorphd.models.core.errors import BundleError
 
 
@@ -69,3 +76,12 @@ def test_files_lists_everything_but_manifest_and_signature(bundle):
     on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()}
     assert set(m.files) == on_disk - {"manifest.json", "manifest.sig"}
     assert all(m.files[f] == sha256_file(bundle / f) for f in m.files)
+
+
+def test_target_dims_come_from_the_model_fields(bundle):
+    m = load_manifest(bundle)
+    assert [m.target_dims(t) for t in TAIL_TARGETS] == [(48, 144), (48, 48), (48, 192), (192, 48)]
+    with pytest.raises(
+        BundleError, match=r"manifest\.json: LoRA target 'attn.kv' unknown: valid targets are"
+    ):
+        m.target_dims("attn.kv")
