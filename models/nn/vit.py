@@ -9,13 +9,16 @@ exactly at these seams, so the torch model and the ONNX bundle share one
 decomposition.
 
 Every block accepts an optional ``lora`` mapping (see ``models/nn/lora.py``): stacked
-low-rank deltas applied beside the frozen base weights, one adapter per batch row.
+low-rank deltas applied beside the frozen base weights, one adapter per batch row; and an
+optional ``weights`` mapping that replaces a linear's own weight and bias by given tensors
+(``tail_weights.onnx`` takes them as graph inputs, ``models/nn/graphs.py``). Linear names are
+``models/core/lora_targets.py``'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -24,13 +27,20 @@ from torch import nn
 
 # target name -> (A, B): A (M|1, r, in), B (M|1, out, r) with the LoRA scale folded into B.
 LoraDeltas = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
+# target name -> (weight (out, in), bias (out)): used instead of the linear's own parameters. Plain tensors
+# rather than torch.func.functional_call, because functional_call does not trace to ONNX.
+LinearWeights = Mapping[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 def lora_linear(
-    base: nn.Linear, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor] | None
+    base: nn.Linear,
+    x: torch.Tensor,
+    ab: tuple[torch.Tensor, torch.Tensor] | None,
+    wb: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``base(x)`` plus the low-rank delta ``x A^T B^T`` (batch row m uses adapter m, or one for all)."""
-    y = base(x)
+    """``base(x)`` (``wb`` replaces its weight and bias) plus the low-rank delta ``x A^T B^T`` (batch row m
+    uses adapter m, or one for all)."""
+    y = base(x) if wb is None else F.linear(x, *wb)
     if ab is None:
         return y
     a, b = ab
@@ -50,10 +60,12 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, lora: LoraDeltas | None = None) -> torch.Tensor:
-        lora = lora or {}
+    def forward(
+        self, x: torch.Tensor, lora: LoraDeltas | None = None, weights: LinearWeights | None = None
+    ) -> torch.Tensor:
+        lora, weights = lora or {}, weights or {}
         b, n, c = x.shape
-        qkv = lora_linear(self.qkv, x, lora.get("attn.qkv"))
+        qkv = lora_linear(self.qkv, x, lora.get("attn.qkv"), weights.get("attn.qkv"))
         qkv = qkv.reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
         q, k, v = qkv.unbind(0)
         if self.fused:
@@ -62,7 +74,7 @@ class Attention(nn.Module):
             attn = (q * self.scale) @ k.transpose(-2, -1)  # (B, H, N, N)
             x = attn.softmax(dim=-1) @ v
         x = x.transpose(1, 2).reshape(b, n, c)  # (B, N, C)
-        return lora_linear(self.proj, x, lora.get("attn.proj"))
+        return lora_linear(self.proj, x, lora.get("attn.proj"), weights.get("attn.proj"))
 
 
 class Mlp(nn.Module):
@@ -72,10 +84,12 @@ class Mlp(nn.Module):
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x: torch.Tensor, lora: LoraDeltas | None = None) -> torch.Tensor:
-        lora = lora or {}
-        x = self.act(lora_linear(self.fc1, x, lora.get("mlp.fc1")))
-        return lora_linear(self.fc2, x, lora.get("mlp.fc2"))
+    def forward(
+        self, x: torch.Tensor, lora: LoraDeltas | None = None, weights: LinearWeights | None = None
+    ) -> torch.Tensor:
+        lora, weights = lora or {}, weights or {}
+        x = self.act(lora_linear(self.fc1, x, lora.get("mlp.fc1"), weights.get("mlp.fc1")))
+        return lora_linear(self.fc2, x, lora.get("mlp.fc2"), weights.get("mlp.fc2"))
 
 
 class Block(nn.Module):
@@ -96,9 +110,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: torch.Tensor, lora: LoraDeltas | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), lora)
-        return x + self.mlp(self.norm2(x), lora)
+    def forward(
+        self, x: torch.Tensor, lora: LoraDeltas | None = None, weights: LinearWeights | None = None
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), lora, weights)
+        return x + self.mlp(self.norm2(x), lora, weights)
 
 
 @dataclass(frozen=True)
@@ -199,16 +215,24 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1) + self.pos_embed
 
     def forward_blocks(
-        self, x: torch.Tensor, start: int, end: int, lora: Mapping[int, LoraDeltas] | None = None
+        self,
+        x: torch.Tensor,
+        start: int,
+        end: int,
+        lora: Mapping[int, LoraDeltas] | None = None,
+        weights: Mapping[int, LinearWeights] | None = None,
     ) -> torch.Tensor:
-        """Run blocks ``start .. end-1``; ``lora`` maps a block index to that block's stacked deltas."""
+        """Run blocks ``start .. end-1``; ``lora`` maps a block index to that block's stacked deltas,
+        ``weights`` to the linear weights it runs with instead of its own."""
         if not 0 <= start <= end <= len(self.blocks):
             raise ValueError(f"block range {start}..{end} is outside 0..{len(self.blocks)}")
         for i in range(start, end):
-            x = self.blocks[i](x, (lora or {}).get(i))
+            x = self.blocks[i](x, (lora or {}).get(i), (weights or {}).get(i))
         return x
 
-    def forward_head(self, x: torch.Tensor, head: nn.Module | None = None) -> torch.Tensor:
+    def forward_head(
+        self, x: torch.Tensor, head: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> torch.Tensor:
         """Final norm, class-token pooling, classifier (``head`` overrides the generalist's)."""
         x = self.norm(x)[:, 0]  # (B, C)
         return (head or self.head)(x)
