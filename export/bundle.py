@@ -39,18 +39,8 @@ from polymorphd.export.core.manifest import (
 from polymorphd.export.core.signing import load_private_key, sign
 from polymorphd.export.core.timing import latency_ms, random_feeds, session
 from polymorphd.export.core.verify import expected_graphs, verify_bundle
-from polymorphd.export.onnx import (
-    DEFAULT_EXPORTER,
-    OPSET,
-    Exporter,
-    adapter_tensors,
-    export_graph,
-    lora_names,
-    plan_graphs,
-    segment_bounds,
-    tail_base_tensors,
-    write_tensor_file,
-)
+from polymorphd.export.onnx import DEFAULT_EXPORTER, OPSET, Exporter, export_graph, write_tensor_file
+from polymorphd.export.plan import adapter_tensors, lora_names, plan_graphs, segment_bounds, tail_base_tensors
 from polymorphd.export.quantize import Quantize, compare, convert_graph
 from polymorphd.models.core.cost import bundle_gflops
 from polymorphd.models.core.errors import BundleError, CheckpointError, ConfigError

@@ -8,14 +8,8 @@ import pytest
 import torch
 
 from polymorphd.export.core.timing import session
-from polymorphd.export.onnx import (
-    ATOL,
-    adapter_tensors,
-    check_graph,
-    export_graph,
-    plan_graphs,
-    segment_bounds,
-)
+from polymorphd.export.onnx import ATOL, check_graph, export_graph
+from polymorphd.export.plan import adapter_tensors, plan_graphs, segment_bounds
 from polymorphd.models.core.errors import BundleError, ConfigError
 from polymorphd.models.nn.lora import compose, merged_copy, tail_start
 from polymorphd.models.train.run import load_run
