@@ -1,4 +1,4 @@
-"""Test doubles for the daemon: an engine with the real Engine interface, fake bundles, scripted cameras."""
+"""Test doubles for the daemon: an engine on the daemon's engine seam, fake bundles, scripted cameras."""
 
 from __future__ import annotations
 
@@ -36,7 +36,10 @@ class FrameResult:
 
 
 class FakeEngine:
-    """Deterministic scores from the frame's mean pixel; knobs validated like the real engine's."""
+    """Deterministic scores from the frame's mean pixel; knobs validated like the real engine's.
+
+    A ``daemon.seam.Engine``, like the real one: test_seam.py checks both, member by member.
+    """
 
     KNOBS: ClassVar[dict[str, type]] = {"max_adapters": int, "threshold": float, "mode": str}
 
