@@ -26,8 +26,10 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
 
+# Micro-benchmarks of the per-frame hot paths (bench/test_*.py, pytest-benchmark); not part of `make test`.
+# The modes side by side on a real bundle is `polymorphd bench` (bench/README.md).
 bench: $(STAMP)
-	$(VENV)/bin/pytest -q bench --benchmark-only
+	$(VENV)/bin/pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,iqr,ops,rounds
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
