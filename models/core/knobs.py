@@ -10,7 +10,9 @@ be and shows the value given.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar, get_args
@@ -75,17 +77,17 @@ class PolicyKnobs(_Knobs):
     """The context policy's knobs (``daemon/policy.py``); these defaults are the ones training writes."""
 
     max_adapters: Count = Field(
-        2, ge=1, description="adapters run per frame: the LoRA tail's batch, so it bounds latency"
+        2, ge=1, description="adapters run per frame, the LoRA tail's batch, so it bounds latency"
     )
     recall_threshold: Number = Field(
         0.2,
         gt=0,
         lt=1,
-        description="an exit score above this makes a class likely; low on purpose: a missed context costs "
-        "accuracy, an extra one only time",
+        description="an exit score above this makes a class likely; low on purpose, since a missed context "
+        "costs accuracy and an extra one only time",
     )
     keep_frames: Count = Field(
-        2, ge=0, description="a label published in the last N frames stays likely: temporal continuity"
+        2, ge=0, description="a label published in the last N frames stays likely (temporal continuity)"
     )
     refresh_every: Count = Field(
         30, ge=0, description="every N frames widen to classes above recall_threshold / 2; 0 = never"
@@ -102,10 +104,9 @@ class ExitThreshold(_Knobs):
     """One exit's thresholds (DESIGN.md "Early-exit policy"): the exit answers a frame when every class's
     probability is below ``lo`` or above ``hi``. Given as ``{"lo": .., "hi": ..}`` or ``[lo, hi]``."""
 
-    lo: Number = Field(ge=0, le=1, description="a class scored below lo is decided absent at this exit")
-    hi: Number = Field(
-        ge=0, le=1, description="a class scored above hi is decided present; lo=0, hi=1 disables the exit"
-    )
+    # bounds checked with the order below, so that one message shows the whole pair
+    lo: Number = Field(description="a class scored below lo is decided absent at this exit")
+    hi: Number = Field(description="a class scored above hi is decided present; lo=0, hi=1 disables the exit")
 
     @model_validator(mode="before")
     @classmethod
@@ -118,7 +119,7 @@ class ExitThreshold(_Knobs):
 
     @model_validator(mode="after")
     def _order(self) -> ExitThreshold:
-        if self.lo > self.hi:
+        if not 0.0 <= self.lo <= self.hi <= 1.0:
             raise ValueError(
                 f"thresholds lo={self.lo:g}, hi={self.hi:g} invalid: need 0 <= lo <= hi <= 1 "
                 "(lo=0, hi=1 disables the exit)"
@@ -253,8 +254,21 @@ def _message(model: type[BaseModel], err: Any) -> str:
         return f"{name} {value!r} invalid: choose one of {', '.join(get_args(info.annotation))}"
     expected = _expected(info)
     if kind in _TYPE_ERRORS:
-        return f"knob {name}: expected {expected}, got {value!r} ({info.description})"
-    return f"knob {name} must be {expected}, got {value!r} ({info.description})"
+        what = _noun(info, value)
+        must = f"it must be {expected}: " if what != expected else ""
+        return f"knob {name}: expected {what}, got {value!r}; {must}{info.description}"
+    return f"knob {name} must be {expected}, got {value!r}: {info.description}"
+
+
+def _noun(info: FieldInfo, value: Any) -> str:
+    """What the value is not: an integer when it is a number with a fraction, else a number (or a list)."""
+    if info.annotation not in (int, float):
+        return _expected(info)
+    if info.annotation is int and not isinstance(value, bool):
+        with contextlib.suppress(TypeError, ValueError):
+            if math.isfinite(float(value)):
+                return "an integer"
+    return "a number"
 
 
 def _expected(info: FieldInfo) -> str:
@@ -262,6 +276,8 @@ def _expected(info: FieldInfo) -> str:
     bound = {type(m): m for m in info.metadata if isinstance(m, Ge | Gt | Le | Lt)}
     if info.annotation is int:
         return f"an integer >= {bound[Ge].ge}" if Ge in bound else "an integer"
+    if info.annotation is float and not bound:
+        return "a number"
     if info.annotation is float:
         lo = f"[{bound[Ge].ge}" if Ge in bound else f"({bound[Gt].gt}" if Gt in bound else "(-inf"
         hi = f"{bound[Le].le}]" if Le in bound else f"{bound[Lt].lt})" if Lt in bound else "inf)"

@@ -57,24 +57,44 @@ def test_unknown_keys_are_refused_by_name():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"max_adapters": 0}, r"^knob max_adapters must be an integer >= 1, got 0 \(adapters run per frame"),
-        ({"max_adapters": 1.5}, r"^knob max_adapters: expected an integer >= 1, got 1.5 "),
-        ({"keep_frames": "two"}, r"^knob keep_frames: expected an integer >= 0, got 'two' "),
-        ({"recall_threshold": True}, r"^knob recall_threshold: expected a number in \(0, 1\), got True "),
-        ({"recall_threshold": "nan"}, r"^knob recall_threshold must be a number in \(0, 1\), got 'nan' "),
-        ({"surprise_jaccard": 1.5}, r"^knob surprise_jaccard must be a number in \[0, 1\], got 1.5 "),
+        ({"max_adapters": 0}, r"^knob max_adapters must be an integer >= 1, got 0: adapters run per frame"),
+        (
+            {"max_adapters": 1.5},
+            r"^knob max_adapters: expected an integer, got 1.5; it must be an integer >= 1: ",
+        ),
+        (
+            {"max_adapters": "lots"},
+            r"^knob max_adapters: expected a number, got 'lots'; it must be an integer >= 1: ",
+        ),
+        (
+            {"keep_frames": "two"},
+            r"^knob keep_frames: expected a number, got 'two'; it must be an integer >= 0: ",
+        ),
+        (
+            {"recall_threshold": True},
+            r"^knob recall_threshold: expected a number, got True; it must be a number in \(0, 1\): ",
+        ),
+        ({"recall_threshold": "nan"}, r"^knob recall_threshold must be a number in \(0, 1\), got 'nan': "),
+        ({"surprise_jaccard": 1.5}, r"^knob surprise_jaccard must be a number in \[0, 1\], got 1.5: "),
         (
             {"mode": "fast"},
             r"^mode 'fast' invalid: choose one of full, early-exit, polymorph, switching, merged$",
         ),
-        ({"exit1_lo": -0.1}, r"^knob exit1_lo must be a number in \[0, 1\], got -0.1 "),
-        ({"exit0_hi": "x"}, r"^knob exit0_hi: expected a number in \[0, 1\], got 'x' "),
+        ({"exit1_lo": -0.1}, r"^exit 1 thresholds lo=-0.1, hi=0.8 invalid: need 0 <= lo <= hi <= 1 "),
+        (
+            {"exit0_hi": "x"},
+            r"^knob exit0_hi: expected a number, got 'x'; a class scored above hi is decided",
+        ),
+        (
+            {"exit0_lo": 2},
+            r"^exit 0 thresholds lo=2, hi=0.9 invalid: need 0 <= lo <= hi <= 1 \(lo=0, hi=1 disables",
+        ),
         ({"exit0_lo": 0.95}, r"^exit 0 thresholds lo=0.95, hi=0.9 invalid: need 0 <= lo <= hi <= 1 "),
         ({"exit2_lo": 0.1}, r"^knob exit2_lo: the bundle has 2 exit\(s\), numbered 0..1$"),
         ({"exit_thresholds": [[0, 1]]}, r"^knob exit_thresholds: expected a list of 2 \[lo, hi\] pairs"),
         (
             {"exit_thresholds": 0.5},
-            r"^knob exit_thresholds: expected a list of \[lo, hi\] pairs, one per exit",
+            r"^knob exit_thresholds: expected a list of \[lo, hi\] pairs, one per exit, got 0.5; the exits'",
         ),
         ({"exit_thresholds": [[0, 1], [0.5]]}, r"^knob exit_thresholds\[1\]: expected \[lo, hi\] or"),
         (
