@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from polymorphd.models.core.errors import MissingExtraError, PolymorphError
+from polymorphd.models.core.modes import MODES
 
 # command -> "module:function"; the function takes the parsed Namespace and returns an exit code.
 HANDLERS = {
@@ -30,7 +31,6 @@ HANDLERS = {
     "proxy": "polymorphd.daemon.proxy:cli_proxy",
 }
 
-MODES = ("full", "early-exit", "polymorph", "switching", "merged")
 KNOB_HELP = (
     "an engine knob as for 'ctl set' (repeatable), e.g. --set 'exit_thresholds=[[0,1],[0,1]]' (no exits)"
 )

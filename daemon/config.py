@@ -20,8 +20,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from polymorphd.models.core.errors import ConfigError
+from polymorphd.models.core.knobs import KnobSettings
+from polymorphd.models.core.modes import Mode
 
-Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
 _ENDPOINT = re.compile(r"^(?:(bind|connect):)?((?:tcp|ipc|inproc)://.+)$")
 # synthetic: query keys. seed is SynthConfig.seed (fixes the class groups, as `polymorphd data synth --seed`
 # does), so a stream matches the dataset a bundle was trained on; stream_seed varies the videos.
@@ -121,9 +122,10 @@ class DaemonConfig(_Model):
         None, ge=1, le=65535, description="Prometheus endpoint port (null = off)"
     )
     metrics_addr: str = Field("127.0.0.1", description="address the Prometheus endpoint listens on")
-    policy: dict[str, float | int | bool | str] = Field(
+    policy: KnobSettings = Field(
         default_factory=dict,
-        description="runtime policy knobs passed to the engine (max_adapters, thresholds...)",
+        description="engine knobs set at load, as for 'ctl set' (max_adapters, exit0_hi, ...); the bundle's "
+        "manifest gives the others",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="daemon log level")
     warmup_runs: int = Field(2, ge=0, le=100, description="inference runs on a blank frame before READY=1")

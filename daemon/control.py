@@ -22,6 +22,7 @@ import zmq
 from polymorphd.daemon.config import Curve, client_address
 from polymorphd.daemon.publish import attach, curve_client, curve_server
 from polymorphd.models.core.errors import ConfigError, PolymorphError
+from polymorphd.models.core.knobs import parse_knobs
 
 log = logging.getLogger(__name__)
 
@@ -129,20 +130,6 @@ class ControlServer:
                 continue
             reply = self.handle(raw)
             self._sock.send(json.dumps(reply, default=str).encode())
-
-
-def parse_knobs(words: list[str], what: str) -> dict[str, Any]:
-    """``KEY=VALUE`` words -> knobs; a VALUE that parses as JSON is taken as JSON (numbers, lists), else text."""
-    knobs: dict[str, Any] = {}
-    for w in words:
-        key, sep, value = w.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"{what}: {w!r} is not KEY=VALUE")
-        try:
-            knobs[key] = json.loads(value)
-        except json.JSONDecodeError:
-            knobs[key] = value
-    return knobs
 
 
 def _request_from_args(cmd: str, words: list[str]) -> dict[str, Any]:

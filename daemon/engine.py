@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +22,17 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank, read_adapter_file
 from polymorphd.daemon.graphs import Clock, Trunk
-from polymorphd.daemon.modes import MODES, MergedTails, Mode, Pipeline
-from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
+from polymorphd.daemon.modes import MergedTails, Pipeline
+from polymorphd.daemon.policy import ContextPolicy
 from polymorphd.export.core.verify import verify_bundle
 from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.core.knobs import EngineKnobs, PolicyKnobs, validate
+from polymorphd.models.core.modes import MODES, Mode
 from polymorphd.models.core.preprocess import InputSpec, preprocess
 
 log = logging.getLogger(__name__)
 
 __all__ = ["MODES", "Engine", "FrameResult", "Mode", "StreamState", "is_adapter_bundle", "load_engine"]
-
-_EXIT_KNOB = re.compile(r"^exit(\d+)_(lo|hi)$")
 
 
 @dataclass
@@ -97,7 +96,7 @@ def load_engine(
     pubkey: str | Path | None = None,
 ) -> Engine:
     """Verify the full bundle at ``path`` and load it; BundleError names the file and the problem."""
-    _check_mode(mode)
+    validate(EngineKnobs, {"mode": mode})  # before the slow part
     root, manifest = _verified(path, pubkey)
     if manifest.get("kind", "full") != "full":
         raise BundleError(
@@ -108,11 +107,6 @@ def load_engine(
     engine = Engine(trunk, manifest, root, manifest, root)
     engine.set_knobs(mode=mode)
     return engine
-
-
-def _check_mode(mode: Any) -> None:
-    if mode not in MODES:
-        raise ConfigError(f"mode {mode!r} invalid: choose one of {', '.join(MODES)}")
 
 
 class Engine:
@@ -145,20 +139,18 @@ class Engine:
                 f"{adapters_root}: class_thresholds has {class_thr.size} values for {k} classes"
             )
         exits = base["exits"]
-        lo = np.array([float(e["threshold"]["lo"]) for e in exits], dtype=np.float64)
-        hi = np.array([float(e["threshold"]["hi"]) for e in exits], dtype=np.float64)
-        self._policy_fields = {f.name: f for f in dataclasses.fields(PolicyConfig)}
-        known = {n: v for n, v in adapters.get("policy", {}).items() if n in self._policy_fields}
+        # a newer manifest may carry policy settings this version does not know: they are ignored
+        known = {n: v for n, v in adapters.get("policy", {}).items() if n in PolicyKnobs.model_fields}
         try:
-            self._policy_cfg = PolicyConfig(**known)
-        except (TypeError, ValueError) as exc:
-            raise BundleError(f"{adapters_root}: manifest policy {known} is invalid: {exc}") from exc
-        policy = ContextPolicy(self.contexts, k, self._policy_cfg)
+            self._knobs = validate(EngineKnobs, {**known, "exit_thresholds": [e["threshold"] for e in exits]})
+        except ConfigError as exc:
+            raise BundleError(f"{adapters_root}: manifest policy or exit thresholds invalid: {exc}") from exc
+        policy = ContextPolicy(self.contexts, k, self._knobs.policy())
+        lo, hi = _exit_arrays(self._knobs)
         centred = [bool(e.get("centred", False)) for e in exits]
         self._pipe = Pipeline(
             trunk, self.bank, policy, class_thr, lo, hi, base.get("gflops", {}), None, centred
         )
-        self._mode: str = "polymorph"
         self._overrides: dict[str, Any] = {}
         self._clock = Clock()
         self._default_state: StreamState | None = None
@@ -167,7 +159,7 @@ class Engine:
     # -- frames ---------------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        return self._mode
+        return self._knobs.mode
 
     @property
     def num_exits(self) -> int:
@@ -200,7 +192,8 @@ class Engine:
         t1 = time.monotonic_ns()
         clock = self._clock
         clock.ort_ns = 0
-        out = self._pipe.run(self._mode, x, state.policy, clock)
+        mode = self._knobs.mode
+        out = self._pipe.run(mode, x, state.policy, clock)
         self._pipe.policy.observe(state.policy, out.labels)
         state.frames += 1
         labels = np.flatnonzero(out.labels).tolist()
@@ -220,67 +213,28 @@ class Engine:
             ort_ms=ort_ms,
             overhead_ms=inference - ort_ms,
             gflops=out.gflops,
-            mode=self._mode,
+            mode=mode,
         )
 
     # -- knobs ----------------------------------------------------------------------------------------------
     def knobs(self) -> dict[str, Any]:
-        """Current knob values: mode, the policy's fields, exit thresholds (flat and as a list)."""
-        out: dict[str, Any] = {"mode": self._mode, **dataclasses.asdict(self._policy_cfg)}
-        pairs = [[float(lo), float(hi)] for lo, hi in zip(self._pipe.lo, self._pipe.hi, strict=True)]
-        for i, (lo, hi) in enumerate(pairs):
-            out[f"exit{i}_lo"], out[f"exit{i}_hi"] = lo, hi
-        out["exit_thresholds"] = pairs
-        return out
+        """Current knob values: mode, the policy's, exit thresholds (per side and as a list)."""
+        return self._knobs.flat()
 
     def set_knobs(self, **knobs: Any) -> dict[str, Any]:
         """Validate every knob first, then apply them all; ConfigError names the bad knob. Returns knobs()."""
-        mode = self._mode
-        policy = dataclasses.asdict(self._policy_cfg)
-        lo, hi = self._pipe.lo.copy(), self._pipe.hi.copy()
-        n_exits = len(lo)
-        for name, value in knobs.items():
-            if name == "mode":
-                _check_mode(value)
-                mode = value
-            elif name in self._policy_fields:
-                policy[name] = _coerce(name, value, type(policy[name]))
-            elif name == "exit_thresholds":
-                pairs = _pairs(value, n_exits)
-                lo[:] = [p[0] for p in pairs]
-                hi[:] = [p[1] for p in pairs]
-            elif (m := _EXIT_KNOB.match(name)) is not None:
-                i = int(m.group(1))
-                if i >= n_exits:
-                    raise ConfigError(
-                        f"knob {name}: this bundle has {n_exits} exit(s), numbered 0..{n_exits - 1}"
-                    )
-                (lo if m.group(2) == "lo" else hi)[i] = _coerce(name, value, float)
-            else:
-                valid = ["mode", *self._policy_fields, "exit_thresholds"]
-                valid += [f"exit{i}_{s}" for i in range(n_exits) for s in ("lo", "hi")]
-                raise ConfigError(f"unknown knob {name!r}; valid knobs are {', '.join(valid)}")
-        for i in range(n_exits):
-            if not 0.0 <= lo[i] <= hi[i] <= 1.0:
-                raise ConfigError(
-                    f"exit {i} thresholds lo={lo[i]:g}, hi={hi[i]:g} invalid: need 0 <= lo <= hi <= 1 "
-                    "(lo=0, hi=1 disables the exit)"
-                )
-        try:
-            cfg = PolicyConfig(**policy)
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"policy knobs {knobs} invalid: {exc}") from exc
-        if mode == "merged":
+        new = self._knobs.update(knobs)
+        if new.mode == "merged":
             self._ensure_merged()
         # everything validated: apply
-        if cfg != self._policy_cfg:
-            self._policy_cfg = cfg
-            self._pipe.policy = ContextPolicy(self.contexts, len(self.classes), cfg)
+        policy = new.policy()
+        if policy != self._knobs.policy():
+            self._pipe.policy = ContextPolicy(self.contexts, len(self.classes), policy)
             self._default_state = None
-        self._pipe.lo, self._pipe.hi = lo, hi
-        if mode != self._mode and self._pipe.merged is not None:
+        self._pipe.lo, self._pipe.hi = _exit_arrays(new)
+        if new.mode != self._knobs.mode and self._pipe.merged is not None:
             self._pipe.merged.reset()  # entering merged mode again pays the merge again, as a real switch would
-        self._mode = mode
+        self._knobs = new
         self._overrides.update(knobs)
         log.debug("knobs set: %s", knobs)
         return self.knobs()
@@ -324,7 +278,7 @@ class Engine:
                 f"{len(self.classes)}: the exits and tails score the base's classes; re-export against this base"
             )
         new = Engine(self.trunk, self.base_manifest, self.base_root, manifest, root)
-        new.set_knobs(mode=self._mode, exit_thresholds=self.knobs()["exit_thresholds"])
+        new.set_knobs(mode=self.mode, exit_thresholds=self.knobs()["exit_thresholds"])
         carried = {k: v for k, v in self._overrides.items() if k != "mode" and not k.startswith("exit")}
         if carried:
             try:
@@ -340,39 +294,8 @@ class Engine:
         self._default_state = None
 
 
-def _coerce(name: str, value: Any, kind: type) -> Any:
-    """Knob values arrive from JSON, YAML or ``ctl set K=V``: accept numbers and numeric strings, not bools."""
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-            return value.lower() in ("true", "1")
-        raise ConfigError(f"knob {name}: expected true or false, got {value!r}")
-    if isinstance(value, str):
-        try:
-            value = float(value)
-        except ValueError:
-            raise ConfigError(f"knob {name}: expected a number, got {value!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not np.isfinite(value):
-        raise ConfigError(f"knob {name}: expected a number, got {value!r}")
-    if kind is int:
-        if float(value) != int(value):
-            raise ConfigError(f"knob {name}: expected an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def _pairs(value: Any, n: int) -> list[tuple[float, float]]:
-    """``exit_thresholds``: one [lo, hi] (or {"lo":, "hi":}) per exit."""
-    if not isinstance(value, list | tuple) or len(value) != n:
-        raise ConfigError(
-            f"knob exit_thresholds: expected a list of {n} [lo, hi] pairs (one per exit), got {value!r}"
-        )
-    out = []
-    for i, p in enumerate(value):
-        if isinstance(p, dict) and set(p) == {"lo", "hi"}:
-            p = (p["lo"], p["hi"])
-        if not isinstance(p, list | tuple) or len(p) != 2:
-            raise ConfigError(f"knob exit_thresholds[{i}]: expected [lo, hi], got {p!r}")
-        out.append((_coerce(f"exit{i}_lo", p[0], float), _coerce(f"exit{i}_hi", p[1], float)))
-    return out
+def _exit_arrays(knobs: EngineKnobs) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi), one entry per exit, as the pipeline reads them."""
+    lo = np.array([e.lo for e in knobs.exit_thresholds], dtype=np.float64)
+    hi = np.array([e.hi for e in knobs.exit_thresholds], dtype=np.float64)
+    return lo, hi

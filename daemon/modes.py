@@ -34,10 +34,9 @@ import numpy as np
 from polymorphd.daemon.adapters import AdapterBank
 from polymorphd.daemon.graphs import Clock, Trunk
 from polymorphd.models.core.calibrate import THRESHOLD_EPS, exit_decides
+from polymorphd.models.core.modes import Mode
 
-Mode = Literal["full", "early-exit", "polymorph", "switching", "merged"]
-MODES: tuple[str, ...] = ("full", "early-exit", "polymorph", "switching", "merged")
-CONTEXT_MODES = ("polymorph", "switching", "merged")
+CONTEXT_MODES: tuple[Mode, ...] = ("polymorph", "switching", "merged")
 
 
 @dataclass(slots=True)

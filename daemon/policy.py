@@ -4,58 +4,25 @@ After the last early exit, the likely labels of a frame are the labels published
 (temporal continuity) plus the classes the exit scores above a high-recall threshold. The contexts that
 cover them (greedy set cover, at most `max_adapters`) are the adapters run in the LoRA tail. Every
 `refresh_every` frames, or when the exit's view disagrees with the last labels (scene change), the likely
-set widens to catch objects the exit barely sees.
+set widens to catch objects the exit barely sees. The knobs (``PolicyKnobs``) are defined, defaulted and
+validated in ``models/core/knobs.py``.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
 from polymorphd.models.core.contexts import ContextIndex
+from polymorphd.models.core.knobs import PolicyKnobs
 
-__all__ = ["ContextPolicy", "PolicyConfig", "PolicyState", "Reason"]
+__all__ = ["ContextPolicy", "PolicyState", "Reason"]
 
 Reason = Literal["cover", "refresh", "surprise", "empty"]
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    """Runtime knobs of the context policy (manifest `policy` defaults, changeable with `set`)."""
-
-    max_adapters: int = 2  # adapters per frame: the LoRA tail's batch, so it bounds latency
-    recall_threshold: float = 0.2  # low on purpose: a missed context costs accuracy, an extra one only time
-    keep_frames: int = 2  # a label published in the last N frames stays likely (temporal continuity)
-    refresh_every: int = 30  # every N frames widen to classes above recall_threshold / 2; 0 = never
-    surprise_jaccard: float = 0.3  # Jaccard(exit's likely set, last labels) below this -> widen
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.max_adapters, int) or self.max_adapters < 1:
-            raise ValueError(f"max_adapters must be an integer >= 1, got {self.max_adapters!r}")
-        if not 0.0 < self.recall_threshold < 1.0:
-            raise ValueError(f"recall_threshold must be in (0, 1), got {self.recall_threshold!r}")
-        if not isinstance(self.keep_frames, int) or self.keep_frames < 0:
-            raise ValueError(f"keep_frames must be an integer >= 0, got {self.keep_frames!r}")
-        if not isinstance(self.refresh_every, int) or self.refresh_every < 0:
-            raise ValueError(f"refresh_every must be an integer >= 0 (0 = never), got {self.refresh_every!r}")
-        if not 0.0 <= self.surprise_jaccard <= 1.0:
-            raise ValueError(f"surprise_jaccard must be in [0, 1] (0 = never), got {self.surprise_jaccard!r}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> PolicyConfig:
-        """Build from a mapping; unknown keys raise ValueError naming them and the valid ones."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown policy settings {unknown}; valid ones are {sorted(names)}")
-        return cls(**d)
 
 
 @dataclass
@@ -86,7 +53,7 @@ class PolicyState:
 class ContextPolicy:
     """Chooses the adapters for a frame and merges their scores. One per bundle, shared by streams."""
 
-    def __init__(self, contexts: Sequence[Sequence[int]], num_classes: int, cfg: PolicyConfig) -> None:
+    def __init__(self, contexts: Sequence[Sequence[int]], num_classes: int, cfg: PolicyKnobs) -> None:
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         self.index = ContextIndex.from_contexts(contexts, num_classes)

@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from polymorphd.daemon.engine import MODES
 from polymorphd.daemon.tools.evaluate import EvalResult, format_footer, format_table, run_eval, write_json
 from polymorphd.models.core.errors import MissingExtraError
+from polymorphd.models.core.modes import MODES
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def _save(fig: Any, path: Path) -> Path:
 def cli_bench(args: argparse.Namespace) -> int:
     result = run_eval(args, list(MODES))
     command = (
-        f"polymorphd bench --bundle {args.bundle} --data {args.data} --out {args.out} --split {args.split} "
+        f"polymorphd bench --bundle {args.bundle} --data {args.data} --out {args.out} --split {result.report['split']} "
         f"--threads {args.threads}" + (f" --max-frames {args.max_frames}" if args.max_frames else "")
     )
     files = write_report(result, args.out, command=command)

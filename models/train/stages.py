@@ -19,6 +19,7 @@ from torch import nn
 
 from polymorphd.models.core.calibrate import calibrate_exit, centre, decision_thresholds, logit_offsets
 from polymorphd.models.core.cost import count_params, exit_flops, gflops
+from polymorphd.models.core.knobs import PolicyKnobs
 from polymorphd.models.core.metrics import mean_average_precision
 from polymorphd.models.nn.exits import build_exit
 from polymorphd.models.nn.lora import ContextAdapter, adapter_logits, tail_start
@@ -42,15 +43,6 @@ from polymorphd.models.train.loop import (
 from polymorphd.models.train.presets import Preset
 
 log = logging.getLogger(__name__)
-
-# runtime context-policy defaults written to calibration.json (daemon/policy.PolicyConfig reads the same keys)
-POLICY_DEFAULTS = {
-    "max_adapters": 2,
-    "recall_threshold": 0.2,
-    "keep_frames": 2,
-    "refresh_every": 30,
-    "surprise_jaccard": 0.3,
-}
 
 
 class _DenseViT(nn.Module):
@@ -387,7 +379,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     return {
         "class_thresholds": [float(t) for t in thr],
         "exits": out_exits,
-        "policy": dict(POLICY_DEFAULTS),
+        "policy": PolicyKnobs().model_dump(),  # the runtime policy's defaults, into the manifest
         "tolerance": ctx.preset.exit_tolerance,
         "split": calib.name,
     }

@@ -17,6 +17,7 @@ from polymorphd.daemon.config import (
     source_kind,
 )
 from polymorphd.models.core.errors import ConfigError
+from polymorphd.models.core.modes import MODES, Mode
 
 
 @pytest.fixture
@@ -65,6 +66,24 @@ def test_yaml_file_with_flag_overrides_and_relative_paths(tmp_path, bundle):
         cfg.camera = "other"
 
 
+def test_policy_holds_only_the_knobs_given_checked_and_normalised(tmp_path, bundle):
+    p = write(tmp_path, {"bundle": str(bundle), "policy": {"max_adapters": "3", "exit1_hi": "0.8"}})
+    assert load_config(p).policy == {"max_adapters": 3, "exit1_hi": 0.8}  # the bundle's manifest has the rest
+    assert load_config(None, {"bundle": str(bundle)}).policy == {}
+
+
+def test_one_mode_list():
+    from polymorphd.daemon import cli, engine, modes
+
+    assert DaemonConfig.model_fields["mode"].annotation == Mode and engine.MODES is MODES
+    assert set(modes.CONTEXT_MODES) < set(MODES)
+    parser = cli.build_parser()
+    for mode in MODES:  # the CLI offers exactly these
+        assert parser.parse_args(["serve", "--mode", mode]).mode == mode
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--mode", "turbo"])
+
+
 def test_json_file(tmp_path, bundle):
     cfg = load_config(write(tmp_path, {"bundle": str(bundle), "payload_format": "msgpack"}, "c.json"))
     assert cfg.payload_format == "msgpack"
@@ -87,6 +106,10 @@ def test_json_file(tmp_path, bundle):
         ({"loop": True}, "<top level>", "loop: true only applies to video files"),
         ({"camera": "a/b"}, "camera", "pattern"),
         ({"providers": []}, "providers", "at least 1"),
+        ({"policy": {"max_adapters": 0}}, "policy", "knob max_adapters must be an integer >= 1, got 0"),
+        ({"policy": {"recall_threshold": True}}, "policy", "knob recall_threshold: expected a number"),
+        ({"policy": {"warp": 1}}, "policy", "unknown knob 'warp'; valid knobs are mode, max_adapters"),
+        ({"policy": {"exit_thresholds": [[0.9, 0.1]]}}, "policy", "exit 0 thresholds lo=0.9, hi=0.1 invalid"),
     ],
 )
 def test_errors_name_the_field(tmp_path, bundle, data, field, words):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import subprocess
@@ -12,8 +13,9 @@ import numpy as np
 import pytest
 
 from polymorphd.daemon.engine import MODES, Engine, is_adapter_bundle, load_engine
-from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
+from polymorphd.daemon.policy import ContextPolicy
 from polymorphd.models.core.errors import BundleError, ConfigError
+from polymorphd.models.core.knobs import PolicyKnobs
 from polymorphd.models.core.preprocess import InputSpec, preprocess
 
 torch = pytest.importorskip("torch")
@@ -60,7 +62,7 @@ class Reference:
         logits = compose(self.vit, self.tokens(frame, self.start), [self.run.adapters[c] for c in chosen])
         return torch.sigmoid(logits).numpy()
 
-    def polymorph(self, frames: list[np.ndarray], cfg: PolicyConfig) -> list[tuple[np.ndarray, list[int]]]:
+    def polymorph(self, frames: list[np.ndarray], cfg: PolicyKnobs) -> list[tuple[np.ndarray, list[int]]]:
         """The polymorph loop with exits off: select on the last exit, batched adapters, merge, observe."""
         policy = ContextPolicy(self.run.contexts, len(self.class_thr), cfg)
         state = policy.new_state()
@@ -141,7 +143,7 @@ def test_early_exit_taken_and_not_taken_by_thresholds(engine, ref):
 
 @pytest.mark.parametrize("mode", ["polymorph", "switching", "merged"])
 def test_context_modes_equal_torch_reference_over_a_stream(engine, ref, mode):
-    cfg = PolicyConfig(max_adapters=2, recall_threshold=0.45, keep_frames=1, refresh_every=3)
+    cfg = PolicyKnobs(max_adapters=2, recall_threshold=0.45, keep_frames=1, refresh_every=3)
     engine.set_knobs(mode=mode, exit_thresholds=OFF, max_adapters=2, recall_threshold=0.45, keep_frames=1,
                      refresh_every=3)  # fmt: skip
     fs = frames(4, seed=11)
@@ -265,6 +267,21 @@ def test_load_errors_name_the_problem(tiny_bundle, tmp_path):
     (corrupt / "tail.onnx").write_bytes(bytes(data))
     with pytest.raises(BundleError, match=r"tail\.onnx"):
         load_engine(corrupt)
+
+
+def test_manifest_policy_is_checked_by_the_knob_model(tiny_bundle, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["policy"] = {"max_adapters": 0}
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(
+        BundleError, match=r"manifest policy or exit thresholds invalid: knob max_adapters must be"
+    ):
+        load_engine(copy)
+    manifest["policy"] = {"max_adapters": 1, "from_a_newer_trainer": 7}  # unknown settings are ignored
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert load_engine(copy).knobs()["max_adapters"] == 1
 
 
 def test_adapter_bundle_is_refused_as_a_base(swap_bundle, tiny_bundle):

@@ -3,8 +3,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from polymorphd.daemon.policy import ContextPolicy, PolicyConfig
+from polymorphd.daemon.policy import ContextPolicy
 from polymorphd.models.core.contexts import greedy_cover
+from polymorphd.models.core.errors import ConfigError
+from polymorphd.models.core.knobs import PolicyKnobs, validate
 
 K = 8
 CONTEXTS = [[0, 1, 2], [2, 3], [4, 5], [6, 7]]
@@ -26,7 +28,7 @@ def _mask(*classes: int) -> np.ndarray:
 
 def _policy(**cfg: object) -> ContextPolicy:
     defaults: dict[str, object] = {"refresh_every": 0, "surprise_jaccard": 0.0}  # isolate what a test checks
-    return ContextPolicy(CONTEXTS, K, PolicyConfig(**{**defaults, **cfg}))
+    return ContextPolicy(CONTEXTS, K, PolicyKnobs(**{**defaults, **cfg}))
 
 
 def test_covers_exit_likely_labels() -> None:
@@ -114,7 +116,7 @@ def test_surprise_when_the_exit_disagrees_with_the_last_labels() -> None:
 
 
 def test_merge_scores_covered_classes_by_their_adapters() -> None:
-    pol = ContextPolicy([[0, 1, 2], [2, 3], [4, 5], [5, 6, 7]], K, PolicyConfig())
+    pol = ContextPolicy([[0, 1, 2], [2, 3], [4, 5], [5, 6, 7]], K, PolicyKnobs())
     exit_p = np.linspace(0.0, 0.7, K).astype(np.float32)
     rows = np.array([np.full(K, 0.9), np.full(K, 0.5), np.full(K, 0.2)], dtype=np.float32)
     merged = pol.merge(exit_p, rows, [0, 1, 3])
@@ -131,7 +133,7 @@ def test_merge_scores_covered_classes_by_their_adapters() -> None:
 
 def test_select_then_merge_never_blinds_a_class() -> None:
     rng = np.random.default_rng(0)
-    pol = ContextPolicy(CONTEXTS, K, PolicyConfig(max_adapters=1))
+    pol = ContextPolicy(CONTEXTS, K, PolicyKnobs(max_adapters=1))
     st = pol.new_state()
     for _ in range(20):
         p = rng.random(K).astype(np.float32)
@@ -146,7 +148,7 @@ def test_select_then_merge_never_blinds_a_class() -> None:
 
 
 def test_select_matches_greedy_cover_on_the_likely_set() -> None:
-    pol = ContextPolicy(CONTEXTS, K, PolicyConfig(max_adapters=4, refresh_every=0))
+    pol = ContextPolicy(CONTEXTS, K, PolicyKnobs(max_adapters=4, refresh_every=0))
     st = pol.new_state()
     p = _p(c1=0.9, c3=0.8, c5=0.7, c7=0.6)
     assert pol.select(st, p) == greedy_cover([1, 3, 5, 7], CONTEXTS, weights=p)
@@ -162,7 +164,7 @@ def test_rejects_bad_shapes_and_orphan_classes() -> None:
     with pytest.raises(ValueError, match=r"expected \(1, 8\)"):
         pol.merge(np.zeros(K), np.zeros((2, K)), [0])
     with pytest.raises(ValueError, match=r"classes \[7\] are in no context"):
-        ContextPolicy([[0, 1, 2, 3, 4, 5, 6]], K, PolicyConfig())
+        ContextPolicy([[0, 1, 2, 3, 4, 5, 6]], K, PolicyKnobs())
 
 
 @pytest.mark.parametrize(
@@ -177,11 +179,11 @@ def test_rejects_bad_shapes_and_orphan_classes() -> None:
 )
 def test_config_validation(kwargs: dict[str, object], match: str) -> None:
     with pytest.raises(ValueError, match=match):
-        PolicyConfig(**kwargs)  # type: ignore[arg-type]
+        PolicyKnobs(**kwargs)  # type: ignore[arg-type]
 
 
 def test_config_dict_round_trip() -> None:
-    cfg = PolicyConfig(max_adapters=3, keep_frames=5)
-    assert PolicyConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match=r"unknown policy settings \['budget'\]"):
-        PolicyConfig.from_dict({"budget": 1})
+    cfg = PolicyKnobs(max_adapters=3, keep_frames=5)
+    assert validate(PolicyKnobs, cfg.model_dump()) == cfg
+    with pytest.raises(ConfigError, match=r"unknown knob 'budget'; valid knobs are max_adapters, "):
+        validate(PolicyKnobs, {"budget": 1})
