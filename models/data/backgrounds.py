@@ -23,7 +23,9 @@ MAX_VIDEO_FRAMES = 1500  # bounds memory for long background videos (1500 x 128x
 VIDEO_DIM = 0.7  # real footage is bright and busy; dimming keeps tinted objects readable
 
 
-@functools.lru_cache(maxsize=2)
+# four clips stay decoded: the pretraining corpus cycles through three (a smaller cache thrashed: each
+# video decoded its clip again, 10x slower rendering)
+@functools.lru_cache(maxsize=4)
 def load_video_frames(path: str, width: int, height: int) -> np.ndarray:
     """(N, height, width, 3) uint8 frames of a video, scaled to cover and centre-cropped; decoded once."""
     cap = cv2.VideoCapture(path)

@@ -3,7 +3,8 @@
 Each class is one (source, class) pair with exemplar images: real product photos
 from Debian's fashion-mnist, real handwriting from scikit-learn's digits, and
 OpenCV-rendered glyphs (shapes and letters), which are always available and fill
-the class list when the others are missing.
+the class list when the others are missing. The pretraining corpus draws from a
+fourth source, procedural objects (procedural.py), which no default class shares.
 """
 
 from __future__ import annotations
@@ -19,24 +20,25 @@ import cv2
 import numpy as np
 
 from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.data import procedural
 
 log = logging.getLogger(__name__)
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-SOURCES = ("fmnist", "digit", "glyph")
+SOURCES = ("fmnist", "digit", "glyph")  # the default dataset's sources, in class order
+ALL_SOURCES = (*SOURCES, "proc")  # "proc": procedural objects, the pretraining corpus's classes
 FMNIST_NAMES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
 # Letters that are not look-alikes of a shape (O ~ ring) or of each other (l ~ I).
 LETTERS = tuple("ABCDEFGHJKLMNPQRSTUVWXYZ") + tuple("abdefghnqrt")
 GLYPH_NAMES = SHAPES + LETTERS
-MAX_CLASSES = len(FMNIST_NAMES) + 10 + len(GLYPH_NAMES)
 
 GOLDEN, HUE_JITTER = 0.6180339887, 10.0  # class hues spread evenly; jitter in OpenCV hue steps (of 180)
 EXEMPLAR_SIZE = 32  # exemplars are square float32 intensity maps in [0, 1]
 FMNIST_IMAGES = 6000  # read only the head of the file: ~600 exemplars per class is plenty
 GLYPH_VARIANTS = 16
 # Per source: (alpha gain, darkest shade) -- fmnist keeps its texture, glyphs are flat.
-RENDER_STYLE = {"fmnist": (3.0, 0.35), "digit": (2.0, 0.5), "glyph": (1.0, 1.0)}
+RENDER_STYLE = {"fmnist": (3.0, 0.35), "digit": (2.0, 0.5), "glyph": (1.0, 1.0), "proc": (1.5, 0.35)}
 
 
 @dataclass(frozen=True)
@@ -72,7 +74,20 @@ def available_class_names(sources: tuple[str, ...] = SOURCES, fmnist_dir: Path |
             names += [f"digit/{d}" for d in range(10)]
         elif src == "glyph":
             names += [f"glyph/{g}" for g in GLYPH_NAMES]
+        elif src == "proc":
+            names += [f"proc/{procedural.proc_name(i)}" for i in range(procedural.PROC_CLASSES)]
     return names
+
+
+def max_classes(sources: tuple[str, ...]) -> int:
+    """How many classes ``sources`` can give at most (every source installed)."""
+    per = {
+        "fmnist": len(FMNIST_NAMES),
+        "digit": 10,
+        "glyph": len(GLYPH_NAMES),
+        "proc": procedural.PROC_CLASSES,
+    }
+    return sum(per[s] for s in sources if s in per)
 
 
 def _read_idx(path: Path, magic: int, count: int) -> np.ndarray:
@@ -206,14 +221,20 @@ def load_glyph(name: str) -> np.ndarray:
     return _stack([_frame_exemplar(_render_glyph(name, rng)) for _ in range(GLYPH_VARIANTS)])
 
 
+@functools.lru_cache(maxsize=procedural.PROC_CLASSES)
+def load_proc(index: int) -> np.ndarray:
+    """The exemplars of procedural class ``index`` (procedural.py), framed like every other source's."""
+    return _stack([_frame_exemplar(img) for img in procedural.render(index)])
+
+
 @functools.lru_cache(maxsize=8)
 def build_bank(
     num_classes: int, sources: tuple[str, ...] = SOURCES, fmnist_dir: str | None = None
 ) -> ClassBank:
     """The first ``num_classes`` classes of the installed sources, in ``sources`` order."""
-    unknown = [s for s in sources if s not in SOURCES]
+    unknown = [s for s in sources if s not in ALL_SOURCES]
     if unknown:
-        raise ConfigError(f"unknown class source(s) {unknown}; expected some of {list(SOURCES)}")
+        raise ConfigError(f"unknown class source(s) {unknown}; expected some of {list(ALL_SOURCES)}")
     fdir = Path(fmnist_dir) if fmnist_dir else FASHION_MNIST_DIR
     names = available_class_names(sources, fdir)
     if num_classes > len(names):
@@ -232,6 +253,8 @@ def build_bank(
             exemplars.append(load_fmnist(str(fdir))[FMNIST_NAMES.index(cls)])
         elif src == "digit":
             exemplars.append(load_digits()[int(cls)])
+        elif src == "proc":
+            exemplars.append(load_proc(int(cls)))
         else:
             exemplars.append(load_glyph(cls))
     return ClassBank(tuple(names), tuple(n.split("/")[0] for n in names), tuple(exemplars))

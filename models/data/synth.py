@@ -82,9 +82,14 @@ class SynthConfig:
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ConfigError(f"SynthConfig.{name} must be an integer >= {lo}, got {v!r}")
         self._check(
-            self.num_classes <= sprites.MAX_CLASSES,
+            bool(self.sources) and set(self.sources) <= set(sprites.ALL_SOURCES),
+            "sources",
+            f"some of {sprites.ALL_SOURCES}",
+        )
+        self._check(
+            self.num_classes <= sprites.max_classes(self.sources),
             "num_classes",
-            f"at most {sprites.MAX_CLASSES} (all fmnist, digit and glyph classes)",
+            f"at most {sprites.max_classes(self.sources)} (every class of the sources {list(self.sources)})",
         )
         self._check(
             self.num_contexts <= self.num_classes, "num_contexts", f"at most num_classes={self.num_classes}"
@@ -102,11 +107,6 @@ class SynthConfig:
         for name in ("change_prob", "outside_prob"):
             self._check(0.0 <= getattr(self, name) <= 1.0, name, "a probability in [0, 1]")
         self._check(0.0 < self.max_speed <= 0.2, "max_speed", "in (0, 0.2] (fraction of the frame per frame)")
-        self._check(
-            bool(self.sources) and set(self.sources) <= set(sprites.SOURCES),
-            "sources",
-            f"some of {sprites.SOURCES}",
-        )
         smallest = min(len(g) for g in context_groups(self))
         self._check(
             smallest >= self.max_objects,
@@ -438,6 +438,7 @@ def cli_synth(args: argparse.Namespace) -> int:
     cfg = SynthConfig(
         num_classes=args.classes, num_contexts=args.contexts, frames_per_video=args.frames,
         width=args.size[0], height=args.size[1], background=args.background, seed=args.seed,
+        sources=tuple(getattr(args, "sources", None) or sprites.SOURCES),
     )  # fmt: skip
     out = write_dataset(args.out, cfg, tuple(args.videos), args.annotate_every, progress=True)
     names, groups, cids = class_names(cfg), context_groups(cfg), category_ids(cfg)
