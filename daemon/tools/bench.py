@@ -102,7 +102,7 @@ def _save(fig: Any, path: Path) -> Path:
 def cli_bench(args: argparse.Namespace) -> int:
     result = run_eval(args, list(MODES))
     command = (
-        f"polymorphd bench --bundle {args.bundle} --data {args.data} --out {args.out} --split {args.split} "
+        f"polymorphd bench --bundle {args.bundle} --data {args.data} --out {args.out} --split {result.report['split']} "
         f"--threads {args.threads}" + (f" --max-frames {args.max_frames}" if args.max_frames else "")
     )
     files = write_report(result, args.out, command=command)

@@ -19,6 +19,7 @@ import logging
 import math
 import platform
 import resource
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import parse_knobs
 from polymorphd.models.core.metrics import mean_average_precision
 from polymorphd.models.core.modes import MODES
-from polymorphd.models.data.tao import Frame, TaoSplit, load_split
+from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
 
 log = logging.getLogger(__name__)
 
@@ -277,11 +278,14 @@ def run_eval(args: argparse.Namespace, modes: list[str]) -> EvalResult:
     try:
         if knobs:
             engine.set_knobs(**knobs)
-        split = load_split(args.data, args.split, include_unannotated=True)
+        name, why = evaluation_split(args.data, args.split)
+        print(f"evaluating split {name!r}: {why}", file=sys.stderr)
+        split = load_split(args.data, name, include_unannotated=True)
         result = evaluate(engine, split, modes, max_frames=args.max_frames, progress=True)
     finally:
         engine.close()
     result.report["knobs"] = knobs
+    result.report["split_reason"] = why
     return result
 
 

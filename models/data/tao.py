@@ -115,6 +115,25 @@ def available_splits(root: str | Path) -> list[str]:
     return [s for s in SPLITS if s in names] + sorted(names - set(SPLITS))
 
 
+def evaluation_split(root: str | Path, asked: str | None = None) -> tuple[str, str]:
+    """The split eval and bench score, and why: ``asked`` if given, else ``test``, else the calibration split.
+
+    ``train --data`` calibrates on ``validation``, so scoring it measures what was tuned on: the reason
+    says so, and eval/bench print it beside every result.
+    """
+    if asked:
+        return asked, "as asked" + (" (the calibration split: not a test)" if asked == "validation" else "")
+    found = available_splits(root)
+    if "test" in found:
+        return "test", "the dataset's test split"
+    if "validation" in found:
+        return "validation", "no test split: the calibration split, which is not a test"
+    raise DataError(
+        f"{root} has no test or validation split to evaluate (splits found: {', '.join(found) or 'none'}); "
+        "give one with --split"
+    )
+
+
 class _Checker:
     """Builds DataError messages that name the file, the entry and the problem."""
 

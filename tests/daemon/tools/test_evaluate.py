@@ -11,7 +11,7 @@ import pytest
 
 from polymorphd.daemon.engine import MODES, load_engine
 from polymorphd.daemon.tools.bench import cli_bench
-from polymorphd.daemon.tools.evaluate import cli_eval, evaluate
+from polymorphd.daemon.tools.evaluate import cli_eval, evaluate, run_eval
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.preprocess import InputSpec, preprocess
 from polymorphd.models.data.tao import load_split
@@ -98,6 +98,22 @@ def test_eval_set_applies_engine_knobs_to_every_mode_and_records_them(tiny_bundl
         cli_eval(args(tiny_bundle, dataset, mode="full", set=["max_adaptors=1"]))
     with pytest.raises(ConfigError, match="--set: 'exit0_lo' is not KEY=VALUE"):
         cli_eval(args(tiny_bundle, dataset, mode="full", set=["exit0_lo"]))
+
+
+def test_eval_without_split_scores_test_when_present_else_says_calibration(
+    tiny_bundle, dataset, tmp_path, capsys
+):
+    import shutil
+
+    report = run_eval(args(tiny_bundle, dataset, split=None, max_frames=2), ["full"]).report
+    assert report["split"] == "validation"
+    assert "not a test" in report["split_reason"]
+    assert "evaluating split 'validation': no test split" in capsys.readouterr().err
+    with_test = tmp_path / "with_test"
+    shutil.copytree(dataset, with_test)
+    shutil.copy(with_test / "annotations" / "validation.json", with_test / "annotations" / "test.json")
+    report = run_eval(args(tiny_bundle, with_test, split=None, max_frames=2), ["full"]).report
+    assert (report["split"], report["split_reason"]) == ("test", "the dataset's test split")
 
 
 def test_context_modes_agree_on_map(tiny_bundle, dataset):

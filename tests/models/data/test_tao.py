@@ -97,6 +97,23 @@ def test_available_splits_and_missing_split(root: Path) -> None:
         tao.load_split(root / "nowhere", "train")
 
 
+def test_evaluation_split_prefers_test_and_says_why(root: Path) -> None:
+    with pytest.raises(DataError, match=r"no test or validation split to evaluate \(splits found: train\)"):
+        tao.evaluation_split(root)
+    write_dataset(root, {**SPEC}, split="validation", frames=False)
+    assert tao.evaluation_split(root) == (
+        "validation",
+        "no test split: the calibration split, which is not a test",
+    )
+    write_dataset(root, {**SPEC}, split="test", frames=False)
+    assert tao.evaluation_split(root) == ("test", "the dataset's test split")
+    assert tao.evaluation_split(root, "validation") == (
+        "validation",
+        "as asked (the calibration split: not a test)",
+    )
+    assert tao.evaluation_split(root, "train") == ("train", "as asked")
+
+
 def _mutate(path: str, value: Any) -> dict[str, Any]:
     """A copy of SPEC with one entry changed: path like 'images.1.video_id' (value DEL deletes)."""
     spec = copy.deepcopy(SPEC)
