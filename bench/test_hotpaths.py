@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from polymorphd.daemon.policy import ContextPolicy
-from polymorphd.models.core.calibrate import exit_decides
+from polymorphd.models.core.exitrule import exit_decides
 from polymorphd.models.core.knobs import PolicyKnobs
 from polymorphd.models.core.metrics import mean_average_precision
 from polymorphd.models.core.preprocess import InputSpec, preprocess

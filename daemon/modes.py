@@ -33,7 +33,7 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank
 from polymorphd.daemon.graphs import Clock, Trunk
-from polymorphd.models.core.calibrate import THRESHOLD_EPS, exit_decides
+from polymorphd.models.core.exitrule import THRESHOLD_EPS, exit_decides
 from polymorphd.models.core.modes import Mode
 
 CONTEXT_MODES: tuple[Mode, ...] = ("polymorph", "switching", "merged")

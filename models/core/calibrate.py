@@ -1,34 +1,29 @@
-"""Early-exit rule for multi-label frames and its calibration (SL-ViT, arXiv 2105.09121; DESIGN.md).
+"""Calibration of the early-exit rule (exitrule.py) and of the decision thresholds (SL-ViT, arXiv 2105.09121).
 
 A frame stops at an exit when every class is decided confidently there: its probability is below `lo`
 (absent) or above `hi` (present). (lo, hi) are chosen on validation data so that, on the frames that
 exit, the exit's decisions are as accurate as the final classifier's, to a tolerance. Accuracy is the
 per-frame F1 of the decided label set against the truth (an empty set matching an empty truth scores 1):
 per-label accuracy would reward an exit that declares every frame empty, since few of many classes are
-present in any frame. Torch-free: the daemon applies the rule per frame, training calibrates it.
+present in any frame. Torch-free; training calibrates, the daemon applies exitrule.py per frame.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
+from polymorphd.models.core.exitrule import THRESHOLD_EPS
+from polymorphd.models.core.metrics import frame_f1
+
 __all__ = [
     "DEFAULT_GRID",
-    "THRESHOLD_EPS",
     "calibrate_exit",
     "centre",
     "class_thresholds",
     "decision_thresholds",
-    "exit_decides",
-    "exit_labels",
-    "frame_f1",
     "global_threshold",
     "logit_offsets",
 ]
-
-# thresholds are clipped to [eps, 1 - eps] before their logit or odds are taken (exit centring, the engine's
-# mapping of centred exit scores back onto the final classifier's scale)
-THRESHOLD_EPS = 1e-4
 
 # Candidate values for lo and hi: dense near 0 and 1, where confident exits live.
 DEFAULT_GRID: tuple[float, ...] = (
@@ -36,27 +31,6 @@ DEFAULT_GRID: tuple[float, ...] = (
     *(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.925, 0.95, 0.97, 0.98, 0.99, 0.995, 0.9975),
     *(0.999, 1.0),
 )
-
-
-def exit_decides(probs: np.ndarray, lo: float, hi: float) -> bool | np.ndarray:
-    """True where every class is < lo or > hi: probs (K,) -> bool, (F, K) -> (F,) bool."""
-    p = np.asarray(probs)
-    undecided = (p >= lo) & (p <= hi)
-    if p.ndim == 1:
-        return not undecided.any()
-    return ~undecided.any(axis=-1)
-
-
-def exit_labels(probs: np.ndarray, hi: float) -> np.ndarray:
-    """The exit's label mask: probs > hi (same shape as probs)."""
-    return np.asarray(probs) > hi
-
-
-def frame_f1(pred: np.ndarray, Y: np.ndarray) -> np.ndarray:
-    """Per-frame F1 of predicted label sets (F, K) bool against truth (F, K) bool; 1.0 where both are empty."""
-    tp = (pred & Y).sum(axis=1)
-    denom = pred.sum(axis=1) + Y.sum(axis=1)
-    return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
 
 
 def _check_pair(name: str, A: np.ndarray, Y: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""Average precision for multi-label classification, as scikit-learn defines it (torch-free).
+"""Quality metrics for multi-label frames (torch-free): average precision (how well scores rank) and label
+F1 / exact match (how right the published label sets are).
 
 AP = sum_n (R_n - R_{n-1}) P_n over the distinct score thresholds, highest first: step-wise, no
 interpolation, tied scores form one threshold. Same numbers as
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["average_precision", "mean_average_precision"]
+__all__ = ["average_precision", "exact_match", "frame_f1", "label_quality", "mean_average_precision"]
 
 # columns per block: bounds the (F, block) float64 temporaries to a few tens of MB on long evaluations
 _BLOCK_ELEMENTS = 4_000_000
@@ -78,3 +79,27 @@ def mean_average_precision(Y: np.ndarray, S: np.ndarray) -> tuple[float, np.ndar
     ap = _ap_columns(Yb, Sf)
     valid = ~np.isnan(ap)
     return (float(ap[valid].mean()) if valid.any() else float("nan")), ap
+
+
+def frame_f1(pred: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Per-frame F1 of predicted label sets (F, K) bool against truth (F, K) bool; 1.0 where both are empty."""
+    tp = (pred & Y).sum(axis=1)
+    denom = pred.sum(axis=1) + Y.sum(axis=1)
+    return np.where(denom == 0, 1.0, 2.0 * tp / np.maximum(denom, 1))
+
+
+def exact_match(pred: np.ndarray, Y: np.ndarray) -> np.ndarray:
+    """Per frame, whether the predicted label set (F, K) bool equals the truth (F, K) bool exactly."""
+    return (np.asarray(pred, dtype=bool) == np.asarray(Y, dtype=bool)).all(axis=1)
+
+
+def label_quality(pred: np.ndarray, Y: np.ndarray) -> dict[str, float]:
+    """What subscribers receive, scored: mean per-frame label F1 and the exact-match rate (nan if no frames)."""
+    pred, Y = np.asarray(pred, dtype=bool), np.asarray(Y, dtype=bool)
+    if pred.shape != Y.shape or pred.ndim != 2:
+        raise ValueError(
+            f"predicted labels have shape {pred.shape}, truth {Y.shape}: both must be (frames, classes)"
+        )
+    if not len(Y):
+        return {"label_f1": float("nan"), "exact_match": float("nan")}
+    return {"label_f1": float(frame_f1(pred, Y).mean()), "exact_match": float(exact_match(pred, Y).mean())}

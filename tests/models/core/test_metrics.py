@@ -88,3 +88,24 @@ def test_rejects_bad_inputs() -> None:
         average_precision(np.zeros((2, 2)), np.zeros((2, 2)))
     with pytest.raises(ValueError, match="2-D"):
         mean_average_precision(np.zeros(2), np.zeros(2))
+
+
+def test_label_quality_matches_scikit_learn() -> None:
+    sk = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(3)
+    Y = rng.random((200, 12)) < 0.15
+    pred = np.where(rng.random((200, 12)) < 0.1, ~Y, Y)  # 10 % of the decisions flipped
+    pred[:5] = False
+    Y[:5] = False  # frames empty on both sides count as right (sklearn: zero_division=1)
+    q = metrics.label_quality(pred, Y)
+    assert q["label_f1"] == pytest.approx(
+        sk.f1_score(Y, pred, average="samples", zero_division=1.0), abs=1e-12
+    )
+    assert q["exact_match"] == pytest.approx(sk.accuracy_score(Y, pred), abs=1e-12)
+    assert 0.0 < q["exact_match"] < q["label_f1"] < 1.0
+
+
+def test_label_quality_rejects_mismatched_shapes_and_is_nan_without_frames() -> None:
+    with pytest.raises(ValueError, match=r"predicted labels have shape \(2, 3\), truth \(2, 4\)"):
+        metrics.label_quality(np.zeros((2, 3)), np.zeros((2, 4)))
+    assert all(math.isnan(v) for v in metrics.label_quality(np.zeros((0, 3)), np.zeros((0, 3))).values())
