@@ -94,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="TAO-format dataset directory")
     t.add_argument("--out", required=True, help="run directory (resumed if it exists)")
     t.add_argument("--preset", choices=("tiny", "small", "base"), default="small")
-    t.add_argument("--init-from", default=None, help="timm or Hugging Face ViT/DeiT checkpoint to start from")
+    t.add_argument(
+        "--init-from",
+        default=None,
+        help="checkpoint to start from: polymorphd (pretrain), timm or Hugging Face ViT/DeiT; 'none' trains from "
+        "scratch (default: the preset's shipped pretrained checkpoint, where the project ships one)",
+    )
     t.add_argument("--epochs", type=int, default=None, help="override the preset's generalist epochs")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")

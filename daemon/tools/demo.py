@@ -59,6 +59,7 @@ def ensure_bundle(cache: Path, out: TextIO) -> Path:
         from polymorphd.export.bundle import export_bundle
         from polymorphd.models.data.synth import SynthConfig, write_dataset
         from polymorphd.models.train.presets import get_preset
+        from polymorphd.models.train.pretrain import resolve_init_from
         from polymorphd.models.train.train import train
     except ImportError as exc:
         raise MissingExtraError(
@@ -75,7 +76,7 @@ def ensure_bundle(cache: Path, out: TextIO) -> Path:
         f"[2/3] training the small preset in {run} (a few minutes on 2 cores; resumes if interrupted)",
         file=out,
     )
-    train(data, run, get_preset("small"), seed=0)
+    train(data, run, get_preset("small"), seed=0, init_from=resolve_init_from(None, "small"))
     print(f"[3/3] exporting the bundle to {bundle}", file=out)
     return export_bundle(run, bundle)
 

@@ -292,6 +292,11 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(path, fmt, sd, {**shape_fields(sd), "ln_eps": 1e-6})
 
 
+def checkpoint_stem(path: str | Path) -> str:
+    """The stem a checkpoint was trained with: its recorded ``stem`` (polymorphd), else timm's "patch"."""
+    return str(read_checkpoint(path).fields.get("stem") or "patch")
+
+
 def save_checkpoint(path: str | Path, vit: VisionTransformer) -> None:
     """Write ``vit`` as a polymorphd checkpoint (weights plus the config that rebuilds it)."""
     torch.save({"format": "polymorphd", "vit": vit.cfg.to_dict(), "model": vit.state_dict()}, Path(path))

