@@ -1,7 +1,9 @@
 """``polymorphd bench``: every mode side by side (``eval --mode all``), written as a report directory.
 
-OUT/table.md (the table plus run details), OUT/report.json (eval's full report), and three plots:
-latency_vs_map.png, exit_rates.png, latency_cdf.png. matplotlib is imported only here, and only when plotting.
+OUT/table.md (the table plus run details: mAP, label F1 and exact match per mode, and per answering exit
+in the footer), OUT/report.json (eval's full report), and three plots: latency_vs_map.png (latency against
+mAP and against label F1), exit_rates.png, latency_cdf.png. matplotlib is imported only here, and only
+when plotting.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def write_report(result: EvalResult, out: str | Path, *, command: str = "") -> l
 
 
 def plot(result: EvalResult, out: Path) -> list[Path]:
-    """Latency vs mAP per mode, exit-rate bars, latency CDF; MissingExtraError when matplotlib is absent."""
+    """Latency vs mAP and vs label F1 per mode, exit-rate bars, latency CDF; MissingExtraError when
+    matplotlib is absent."""
     try:
         import matplotlib
 
@@ -53,15 +56,17 @@ def plot(result: EvalResult, out: Path) -> list[Path]:
     modes: dict[str, Any] = result.report["modes"]
     files = []
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for m, row in modes.items():
-        y = 100 * row["map"] if row["map"] is not None else np.nan
-        ax.scatter(row["latency_ms"]["p50"], y, s=60)
-        ax.annotate(m, (row["latency_ms"]["p50"], y), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("median latency per frame (ms)")
-    ax.set_ylabel("mAP (%)")
-    ax.set_title("latency vs mAP per mode")
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    panels = (("map", 100, "mAP (%)"), ("label_f1", 1, "label F1"))  # scales as in the table
+    for ax, (key, scale, label) in zip(axes, panels, strict=True):
+        for m, row in modes.items():
+            y = scale * row[key] if row[key] is not None else np.nan
+            ax.scatter(row["latency_ms"]["p50"], y, s=60)
+            ax.annotate(m, (row["latency_ms"]["p50"], y), textcoords="offset points", xytext=(6, 4))
+        ax.set_xlabel("median latency per frame (ms)")
+        ax.set_ylabel(label)
+        ax.set_title(f"latency vs {label.removesuffix(' (%)')} per mode")
+        ax.grid(alpha=0.3)
     files.append(_save(fig, out / "latency_vs_map.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))

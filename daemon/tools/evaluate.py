@@ -6,9 +6,13 @@ video. ``--mode all`` runs every mode in one process, interleaved by video (the 
 machine noise hits all modes alike; frames are decoded once per video, outside the timed region.
 
 Definitions: mAP is macro AP over the classes with >= 1 positive among the evaluated annotated frames (the
-same as training's report, ``models.metrics.mean_average_precision``). Latency is preprocess + inference per
-frame (no disk read); fps = 1000 / mean latency; overhead is the engine's time outside ONNX Runtime calls
-(excluding preprocessing); speedup is full's median latency over the mode's. Torch-free.
+same as training's report, ``models.metrics.mean_average_precision``). Label F1 (mean per-frame F1) and
+exact match score the label sets the engine publishes (``FrameResult.labels``: above the class thresholds,
+or above the exit's ``hi`` where an exit answered), per mode and per answering exit
+(``models.core.metrics.label_quality``): mAP ranks scores, subscribers receive label sets. Latency is
+preprocess + inference per frame (no disk read); fps = 1000 / mean latency; overhead is the engine's time
+outside ONNX Runtime calls (excluding preprocessing); speedup is full's median latency over the mode's.
+Torch-free.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ import numpy as np
 from polymorphd.daemon.engine import Engine, load_engine
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import parse_knobs
-from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.core.modes import MODES
 from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
 
@@ -40,6 +44,10 @@ log = logging.getLogger(__name__)
 MAP_DEFINITION = (
     "macro-averaged AP (scikit-learn's step-wise definition) over the classes with >= 1 positive among the "
     "annotated frames of the evaluated split"
+)
+LABEL_DEFINITION = (
+    "mean over annotated frames of the F1 between the published label set and the truth (1 when both are "
+    "empty); exact match: share of frames whose published set equals the truth"
 )
 WARMUP_FRAMES = 3
 
@@ -55,6 +63,8 @@ class _ModeRecord:
     adapters: list[int] = field(default_factory=list)
     exits: Counter = field(default_factory=Counter)
     scores: list[np.ndarray] = field(default_factory=list)  # annotated frames only
+    labels: list[list[int]] = field(default_factory=list)  # published label indices, annotated frames only
+    answered: list[int | str] = field(default_factory=list)  # the exit that answered, annotated frames only
     rows: list[int] = field(default_factory=list)  # row in the truth matrix for each score
 
 
@@ -147,6 +157,7 @@ def evaluate(
         "annotated_frames": len(used),
         "videos": sum(1 for v in videos if v.frames),
         "map_definition": MAP_DEFINITION,
+        "label_definition": LABEL_DEFINITION,
         "providers": engine.providers,
         "threads": engine.trunk.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
@@ -188,6 +199,8 @@ def _run_video(engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict
         rec.exits[r.exit] += 1
         if f.labels is not None:
             rec.scores.append(r.probs.copy())
+            rec.labels.append(r.labels)
+            rec.answered.append(r.exit)
             rec.rows.append(truth_row[id(f)])
 
 
@@ -199,10 +212,16 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
         mean_ap, per_class = float("nan"), np.full(len(engine.classes), np.nan)
     lat = np.asarray(rec.latency)
     keys = [*range(engine.num_exits), "final"]
+    pred = np.zeros((len(rec.rows), len(engine.classes)), dtype=bool)
+    for i, labels in enumerate(rec.labels):
+        pred[i, labels] = True
+    overall, by_exit = label_summary(pred, Y_all[rec.rows], rec.answered, keys)
     return {
         "mode": rec.mode,
         "frames": n,
         "map": _num(mean_ap),
+        **overall,
+        "label_quality_by_exit": by_exit,
         "per_class_ap": {name: _num(ap) for name, ap in zip(engine.classes, per_class, strict=True)},
         "exit_rate": {str(k): rec.exits.get(k, 0) / n for k in keys},
         "adapters_per_frame": float(np.mean(rec.adapters)),
@@ -218,6 +237,20 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
         "ort_ms_median": float(np.median(rec.ort)),
         "overhead_ms_median": float(np.median(rec.overhead)),
     }
+
+
+def label_summary(
+    pred: np.ndarray, Y: np.ndarray, answered: list[int | str], keys: list[int | str]
+) -> tuple[dict[str, float | None], dict[str, dict[str, Any]]]:
+    """Label F1 and exact match of published label sets ``pred`` (F, K) against ``Y`` over all frames, and
+    per exit in ``keys`` over the frames that exit answered (``answered``, one per frame); None: no frames."""
+    overall = {k: _num(v) for k, v in label_quality(pred, Y).items()}
+    by_exit = {}
+    for k in keys:
+        mask = np.array([a == k for a in answered], dtype=bool)
+        q = label_quality(pred[mask], Y[mask])
+        by_exit[str(k)] = {"annotated_frames": int(mask.sum()), **{m: _num(v) for m, v in q.items()}}
+    return overall, by_exit
 
 
 def _num(x: float) -> float | None:
@@ -244,18 +277,47 @@ def _bar(total: int, enabled: bool) -> Any:
 
 
 def format_table(report: dict[str, Any]) -> str:
-    """One Markdown table: mode | mAP | exit rates | adapters/frame | GFLOPs | p50 | p95 | fps | speedup."""
-    head = "| mode | mAP | exit rates | adapters/frame | GFLOPs/frame | p50 ms | p95 ms | fps | speedup vs full |"
-    lines = [head, "|" + "---|" * 9]
+    """One Markdown table: mode | mAP | label F1 | exact match | exit rates | adapters/frame | GFLOPs | p50 |
+    p95 | fps | speedup."""
+    head = (
+        "| mode | mAP | label F1 | exact match | exit rates | adapters/frame | GFLOPs/frame "
+        "| p50 ms | p95 ms | fps | speedup vs full |"
+    )
+    lines = [head, "|" + "---|" * 11]
     for m, row in report["modes"].items():
         rates = " ".join(f"{'F' if k == 'final' else k}:{v:.0%}" for k, v in row["exit_rate"].items())
         mean_ap = "n/a" if row["map"] is None else f"{100 * row['map']:.2f}"
         gf = "n/a" if row["gflops_per_frame"] is None else f"{row['gflops_per_frame']:.4f}"
         sp = "n/a" if row["speedup_vs_full"] is None else f"{row['speedup_vs_full']:.2f}x"
         lines.append(
-            f"| {m} | {mean_ap} | {rates} | {row['adapters_per_frame']:.2f} | {gf} | "
-            f"{row['latency_ms']['p50']:.3f} | {row['latency_ms']['p95']:.3f} | {row['fps']:.0f} | {sp} |"
+            f"| {m} | {mean_ap} | {_f1(row['label_f1'])} | {_pct(row['exact_match'])} | {rates} | "
+            f"{row['adapters_per_frame']:.2f} | {gf} | {row['latency_ms']['p50']:.3f} | "
+            f"{row['latency_ms']['p95']:.3f} | {row['fps']:.0f} | {sp} |"
         )
+    return "\n".join(lines)
+
+
+def _f1(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def format_by_exit(report: dict[str, Any]) -> str:
+    """Label F1 / exact match per answering exit, one line per mode; exits that answered no annotated
+    frame are left out."""
+    width = max(len(m) for m in report["modes"])
+    lines = ["label F1 / exact match by answering exit (annotated frames):"]
+    for m, row in report["modes"].items():
+        parts = [
+            f"{'F' if k == 'final' else k}: {_f1(q['label_f1'])} / {_pct(q['exact_match'])} "
+            f"({q['annotated_frames']})"
+            for k, q in row["label_quality_by_exit"].items()
+            if q["annotated_frames"]
+        ]
+        lines.append(f"  {m:<{width}}  {', '.join(parts) or 'no annotated frames'}")
     return "\n".join(lines)
 
 
@@ -265,8 +327,10 @@ def format_footer(report: dict[str, Any]) -> str:
         f"{report['bundle']} on {report['data']} [{report['split']}]: {report['frames']} frames per mode "
         f"({report['annotated_frames']} annotated, {report['videos']} videos), {report['threads']} threads, "
         f"{', '.join(report['providers'])}\n"
+        f"{format_by_exit(report)}\n"
         f"engine overhead outside ORT, median ms: {over}\n"
-        f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}"
+        f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
+        f"label F1: {report['label_definition']}"
         + (f"\nknobs set: {json.dumps(report['knobs'])}" if report.get("knobs") else "")
     )
 

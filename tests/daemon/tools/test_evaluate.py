@@ -11,8 +11,9 @@ import pytest
 
 from polymorphd.daemon.engine import MODES, load_engine
 from polymorphd.daemon.tools.bench import cli_bench
-from polymorphd.daemon.tools.evaluate import cli_eval, evaluate, run_eval
+from polymorphd.daemon.tools.evaluate import cli_eval, evaluate, label_summary, run_eval
 from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.metrics import label_quality
 from polymorphd.models.core.preprocess import InputSpec, preprocess
 from polymorphd.models.data.tao import load_split
 
@@ -71,18 +72,85 @@ def test_eval_all_modes_prints_one_table_and_writes_json(tiny_bundle, dataset, t
     text = capsys.readouterr().out
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert table[0].startswith(
-        "| mode | mAP | exit rates | adapters/frame | GFLOPs/frame | p50 ms | p95 ms | fps"
+        "| mode | mAP | label F1 | exact match | exit rates | adapters/frame | GFLOPs/frame | p50 ms | p95 ms | fps"
     )
     assert [line.split("|")[1].strip() for line in table[2:]] == list(MODES)
     report = json.loads(out.read_text())
     assert set(report["modes"]) == set(MODES)
-    for row in report["modes"].values():
+    cells = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]] for line in table[2:]}
+    for m, row in report["modes"].items():
         assert row["frames"] == 7  # --max-frames per mode
+        # the table shows the report's numbers: F1 as a fraction, exact match as a percentage
+        assert cells[m][1:3] == [f"{row['label_f1']:.3f}", f"{row['exact_match']:.1%}"]
+        assert f"  {m}" in text.split("by answering exit")[1]  # one footer line per mode
         assert sum(row["exit_rate"].values()) == pytest.approx(1.0)
         assert row["gflops_per_frame"] > 0
     assert report["modes"]["full"]["speedup_vs_full"] == pytest.approx(1.0)
     assert report["modes"]["full"]["adapters_per_frame"] == 0
     assert report["modes"]["polymorph"]["adapters_per_frame"] > 0  # tiny run: exits never decide
+
+
+def _published(engine, split, mode):
+    """Reference: every video through a fresh stream state, the labels the engine returns on annotated frames."""
+    engine.set_knobs(mode=mode)
+    rows, exits = [], []
+    for video in split.videos:
+        state = engine.new_state()
+        for f in video.frames:
+            r = engine.infer(cv2.imread(str(f.path), cv2.IMREAD_COLOR), state)
+            if f.labels is not None:
+                rows.append(r.labels)
+                exits.append(r.exit)
+    pred = np.zeros((len(rows), len(engine.classes)), dtype=bool)
+    for i, labels in enumerate(rows):
+        pred[i, labels] = True
+    return pred, exits
+
+
+def test_label_quality_per_mode_and_exit_is_that_of_the_published_labels(tiny_bundle, dataset):
+    split = load_split(dataset, "validation", include_unannotated=True)
+    Y = split.multi_hot(split.annotated_frames(), load_engine(tiny_bundle).class_ids).astype(bool)
+    modes = ["full", "early-exit", "polymorph"]
+    # the random tiny exits sit near p = 0.5: find narrow undecided windows that send some frames out early
+    windows = [[[c - w, c + w], [0.4, 0.6]] for c in (0.5, 0.49, 0.51) for w in (0.02, 0.01, 0.03, 0.005)]
+    for window in windows:
+        engine = load_engine(tiny_bundle, threads=1)
+        engine.set_knobs(exit_thresholds=window)
+        report = evaluate(engine, split, modes).report
+        by_exit = report["modes"]["early-exit"]["label_quality_by_exit"]
+        if sum(q["annotated_frames"] > 0 for q in by_exit.values()) >= 2:
+            break
+    else:
+        pytest.fail(f"no exit window in {windows} mixes exit and final frames on the tiny bundle")
+    reference = load_engine(tiny_bundle, threads=1)
+    reference.set_knobs(exit_thresholds=window)
+    for m in modes:
+        pred, exits = _published(reference, split, m)
+        row = report["modes"][m]
+        assert {k: row[k] for k in ("label_f1", "exact_match")} == pytest.approx(label_quality(pred, Y))
+        assert set(row["label_quality_by_exit"]) == {"0", "1", "final"}
+        for key, q in row["label_quality_by_exit"].items():
+            mask = np.array([str(e) == key for e in exits])
+            assert q["annotated_frames"] == mask.sum()
+            if mask.any():
+                want = label_quality(pred[mask], Y[mask])
+                assert (q["label_f1"], q["exact_match"]) == pytest.approx(
+                    (want["label_f1"], want["exact_match"])
+                )
+            else:
+                assert q["label_f1"] is q["exact_match"] is None
+    assert report["modes"]["full"]["label_quality_by_exit"]["final"]["annotated_frames"] == len(Y)
+
+
+def test_label_summary_splits_frames_by_the_exit_that_answered():
+    Y = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0], [0, 0, 1]], dtype=bool)
+    pred = np.array([[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], dtype=bool)
+    overall, by_exit = label_summary(pred, Y, [0, "final", 0, "final"], [0, 1, "final"])
+    # per-frame F1: 1, 2/3, 0 (a label where there is none), 1
+    assert overall == pytest.approx({"label_f1": (1 + 2 / 3 + 0 + 1) / 4, "exact_match": 0.5})
+    assert by_exit["0"] == pytest.approx({"annotated_frames": 2, "label_f1": 0.5, "exact_match": 0.5})
+    assert by_exit["final"] == pytest.approx({"annotated_frames": 2, "label_f1": 5 / 6, "exact_match": 0.5})
+    assert by_exit["1"] == {"annotated_frames": 0, "label_f1": None, "exact_match": None}
 
 
 def test_eval_set_applies_engine_knobs_to_every_mode_and_records_them(tiny_bundle, dataset, tmp_path, capsys):
@@ -130,8 +198,18 @@ def test_bench_writes_table_report_and_plots(tiny_bundle, dataset, tmp_path, cap
     assert cli_bench(args(tiny_bundle, dataset, out=str(out), max_frames=4)) == 0
     names = sorted(p.name for p in out.iterdir())
     assert names == ["exit_rates.png", "latency_cdf.png", "latency_vs_map.png", "report.json", "table.md"]
-    assert "| polymorph |" in (out / "table.md").read_text()
-    assert json.loads((out / "report.json").read_text())["command"].startswith("polymorphd bench")
+    table = (out / "table.md").read_text()
+    assert "| polymorph |" in table and "| mAP | label F1 | exact match |" in table
+    report = json.loads((out / "report.json").read_text())
+    assert report["modes"]["full"]["label_quality_by_exit"]["final"]["annotated_frames"] == 2
+    for m in MODES:  # per answering exit in the footer, from the report
+        final = report["modes"][m]["label_quality_by_exit"]["final"]
+        if final["annotated_frames"]:
+            assert (
+                f"F: {final['label_f1']:.3f} / {final['exact_match']:.1%} ({final['annotated_frames']})"
+                in table
+            )
+    assert report["command"].startswith("polymorphd bench")
     assert (out / "latency_cdf.png").read_bytes()[:4] == b"\x89PNG"
 
 
