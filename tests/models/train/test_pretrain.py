@@ -22,14 +22,6 @@ from polymorphd.models.train.train import train  # noqa: E402
 CORPUS = pt.CorpusConfig(classes=12, videos=8, frames=3, heldout=2, size=48, seed=1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory) -> pt.PretrainResult:
     out = tmp_path_factory.mktemp("pretrain") / "tiny.pt"
