@@ -3,8 +3,8 @@
 1. Build a ``small`` bundle if none is cached: synthetic TAO dataset -> train -> export
    (needs the ``train`` extra; skipped when a verified bundle is already cached).
 2. Serve it with the real daemon (a child process) on the built-in ``synthetic:`` camera.
-3. Subscribe to the label stream and print each frame's labels beside the ground truth,
-   with a running accuracy.
+3. Subscribe to the label stream and print each frame's labels beside the ground truth (both named
+   from the bundle's manifest), with a running exact match and label F1, overall and per exit.
 """
 
 from __future__ import annotations
@@ -17,14 +17,17 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
 import zmq
 
 from polymorphd.daemon.publish import decode
 from polymorphd.models.core.errors import BundleError, MissingExtraError, PolymorphError
+from polymorphd.models.core.metrics import frame_f1
 
 log = logging.getLogger(__name__)
 
@@ -95,47 +98,74 @@ def free_tcp_endpoint() -> str:
 
 @dataclass
 class Accuracy:
-    """Running accuracy of published labels against the synthetic ground truth."""
+    """Running quality of the published labels against the synthetic ground truth, defined as eval and the
+    training report define it: mean per-frame label F1 and exact-match rate, overall and per answering exit."""
 
     frames: int = 0
     exact: int = 0
-    tp: int = 0
-    fp: int = 0
-    fn: int = 0
+    f1_sum: float = 0.0
     exits: dict[str, int] = field(default_factory=dict)
+    exit_f1_sum: dict[str, float] = field(default_factory=dict)
     adapters: int = 0
 
     def add(self, predicted: set[int], truth: set[int], exit_: Any, adapters: int) -> None:
+        pred, true = np.zeros((2, 1, max(predicted | truth, default=0) + 1), dtype=bool)  # one frame each
+        pred[0, list(predicted)] = True
+        true[0, list(truth)] = True
+        f1 = float(frame_f1(pred, true)[0])
         self.frames += 1
         self.exact += predicted == truth
-        self.tp += len(predicted & truth)
-        self.fp += len(predicted - truth)
-        self.fn += len(truth - predicted)
+        self.f1_sum += f1
         key = "final" if exit_ == "final" else f"exit{exit_}"
         self.exits[key] = self.exits.get(key, 0) + 1
+        self.exit_f1_sum[key] = self.exit_f1_sum.get(key, 0.0) + f1
         self.adapters += adapters
 
     @property
     def f1(self) -> float:
-        return 2 * self.tp / max(2 * self.tp + self.fp + self.fn, 1)
+        return self.f1_sum / max(self.frames, 1)
 
     def line(self) -> str:
         n = max(self.frames, 1)
-        exits = " ".join(f"{k} {v / n:.0%}" for k, v in sorted(self.exits.items()))
+        exits = ", ".join(
+            f"{k} {v / n:.0%} (F1 {self.exit_f1_sum[k] / v:.3f})" for k, v in sorted(self.exits.items())
+        )
         return (
             f"{self.frames} frames: exact match {self.exact / n:.1%}, label F1 {self.f1:.3f}, "
-            f"adapters/frame {self.adapters / n:.2f}, {exits}"
+            f"adapters/frame {self.adapters / n:.2f}; {exits or 'no frames'}"
         )
 
 
-def _names(ids: Any, classes: dict[int, str]) -> str:
-    return ", ".join(classes.get(int(i), str(i)) for i in sorted(ids)) or "-"
+def bundle_classes(bundle: Path) -> list[str]:
+    """The bundle's class names, indexed as the label stream's ids (manifest ``classes``)."""
+    from polymorphd.export.core.manifest import load_manifest
+
+    return list(load_manifest(bundle).classes)
+
+
+def names(ids: Any, classes: Sequence[str]) -> str:
+    """Class names of ``ids`` from the bundle's manifest (never from the labels seen so far, which lack the
+    classes the model has not predicted yet); ``#id`` for an id the bundle does not have."""
+    return ", ".join(classes[i] if 0 <= i < len(classes) else f"#{i}" for i in sorted(map(int, ids))) or "-"
+
+
+def frame_line(msg: dict[str, Any], predicted: set[int], truth: set[int], classes: Sequence[str]) -> str:
+    mark = "ok" if predicted == truth else "  "
+    return (
+        f"{msg['seq']:6d} {mark} {msg.get('exit')!s:>5}  {msg['latency_ms']['inference']:5.1f} ms  "
+        f"labels: {names(predicted, classes):40.40}  truth: {names(truth, classes):40.40}"
+    )
 
 
 def watch(
-    endpoint: str, seconds: float | None, out: TextIO, proc: subprocess.Popen | None = None
+    endpoint: str,
+    seconds: float | None,
+    out: TextIO,
+    proc: subprocess.Popen | None = None,
+    classes: Sequence[str] = (),
 ) -> Accuracy:
-    """Print labels beside truth until ``seconds`` pass, the daemon exits, or Ctrl-C."""
+    """Print labels beside truth, named by the bundle's ``classes``, until ``seconds`` pass, the daemon
+    exits, or Ctrl-C."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.linger = 0
@@ -145,7 +175,7 @@ def watch(
         f"status/{CAMERA}",
     ):  # only our daemon's camera, never a stray publisher
         sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
-    acc, classes = Accuracy(), {}
+    acc, unknown = Accuracy(), set()
     started = time.monotonic()
     deadline = None
     try:
@@ -167,16 +197,19 @@ def watch(
                 deadline = time.monotonic() + seconds if seconds else float("inf")
             if topic.startswith(b"status/"):
                 continue
-            classes.update({int(lab["id"]): lab["name"] for lab in msg.get("labels", [])})
             predicted = {int(lab["id"]) for lab in msg.get("labels", [])}
-            truth = set(msg.get("truth") or [])
+            truth = {int(t) for t in msg.get("truth") or []}
             acc.add(predicted, truth, msg.get("exit"), len(msg.get("adapters") or []))
-            mark = "ok" if predicted == truth else "  "
-            print(
-                f"{msg['seq']:6d} {mark} {msg.get('exit')!s:>5}  {msg['latency_ms']['inference']:5.1f} ms  "
-                f"labels: {_names(predicted, classes):40.40}  truth: {_names(truth, classes):40.40}",
-                file=out,
-            )
+            stray = {i for i in truth if not 0 <= i < len(classes)} - unknown
+            if stray:
+                unknown |= stray
+                print(
+                    f"note: ground-truth class ids {', '.join(map(str, sorted(stray)))} are not among the "
+                    f"bundle's {len(classes)} classes (shown as #id): the camera and the bundle disagree on "
+                    "the dataset",
+                    file=out,
+                )
+            print(frame_line(msg, predicted, truth, classes), file=out)
             if acc.frames % 30 == 0:
                 print(f"  -- {acc.line()}", file=out)
     except KeyboardInterrupt:
@@ -199,7 +232,7 @@ def cli_demo(args: argparse.Namespace) -> int:
     print(f"  control:      polymorphd ctl --endpoint {ctl} stats", file=out)
     proc = subprocess.Popen(cmd)
     try:
-        acc = watch(pub, args.seconds, out, proc)
+        acc = watch(pub, args.seconds, out, proc, bundle_classes(bundle))
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
