@@ -6,6 +6,7 @@ same numbers as an uninterrupted one; ``run.save_report`` writes both forms.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from polymorphd.models.core.cost import block_flops, count_params, embed_flops, full_flops, gflops, lora_flops
@@ -19,6 +20,16 @@ def map_definition(split: str) -> str:
         "mAP is the macro-averaged average precision (sklearn's step-wise AP, no interpolation) over the "
         f"classes with at least one positive frame in the evaluated split ({split!r}); adapter rows average "
         "only over that context's classes."
+    )
+
+
+def label_definition(report_split: str, calibration_split: str) -> str:
+    return (
+        "Label F1 is the mean over frames of the F1 between the predicted label set and the truth (1 when both "
+        f"are empty), exact match the share of frames whose set equals the truth, on the {report_split!r} "
+        "split: what subscribers receive, where mAP only ranks scores. The generalist predicts the classes "
+        "above its calibrated class thresholds (the manifest's), each exit variant those above its own "
+        f"decision thresholds; both sets of thresholds are fit on the {calibration_split!r} split."
     )
 
 
@@ -48,8 +59,11 @@ def build_report(
     records: dict[str, dict[str, Any]],
     vit: VisionTransformer,
     preset: Preset,
+    generalist_labels: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """Assemble the report from stage records (``{stage: {"seconds": s, "result": {...}}}``)."""
+    """Assemble the report from stage records (``{stage: {"seconds": s, "result": {...}}}``) and the
+    generalist's ``label_quality`` on the report split at the calibrated class thresholds (known only once
+    calibration ran, so measured by the report step rather than recorded by a stage)."""
     res = {k: v.get("result", {}) for k, v in records.items()}
     timings = {k: round(float(v["seconds"]), 2) for k, v in records.items()}
     timings["total"] = round(sum(timings.values()), 2)
@@ -58,7 +72,10 @@ def build_report(
         "preset": preset.name,
         **meta,
         "map_definition": map_definition(meta["splits"]["report"]["name"]),
-        "generalist": res.get("generalist", {}),
+        "label_definition": label_definition(
+            meta["splits"]["report"]["name"], meta["splits"]["calibration"]["name"]
+        ),
+        "generalist": res.get("generalist", {}) | _finite(generalist_labels or {}),
         "exits": res.get("exits", {}).get("variants", []),
         "copycat": {
             "label_weight": preset.copycat_label_weight,
@@ -76,6 +93,10 @@ def build_report(
         "params": param_summary(vit, preset),
         "timings": timings,
     }
+
+
+def _finite(d: dict[str, float]) -> dict[str, float | None]:
+    return {k: float(v) if math.isfinite(v) else None for k, v in d.items()}
 
 
 def _f(x: Any, digits: int = 4) -> str:
@@ -107,11 +128,15 @@ def render_markdown(r: dict[str, Any]) -> str:
         "",
         r["map_definition"],
         "",
+        r.get("label_definition", ""),
+        "",
         "## Generalist",
         "",
         *_table(
-            ["mAP (report)", "mAP (calibration)", "epochs", "best epoch (calibration mAP)"],
-            [[r["generalist"].get(k) for k in ("map", "map_calibration", "epochs", "best_epoch")]],
+            ["mAP (report)", "label F1 (report)", "exact match (report)", "mAP (calibration)", "epochs",
+             "best epoch (calibration mAP)"],
+            [[r["generalist"].get(k) for k in ("map", "label_f1", "exact_match", "map_calibration", "epochs",
+                                               "best_epoch")]],
         ),
         "## Exits (backbone frozen)",
         "",
@@ -122,9 +147,11 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{r['copycat']['augmented_views']} augmented views of each, with the generalist's answer on every view.",
         "",
         *_table(
-            ["after block", "kind", "copycat", "mAP", "mAP (calibration)", "GFLOPs", "params"],
+            ["after block", "kind", "copycat", "mAP", "label F1", "exact match", "mAP (calibration)", "GFLOPs",
+             "params"],
             [
-                [e["after_block"], e["kind"], e["copycat"], e["map"], e.get("map_calibration"), e["gflops"], e["params"]]
+                [e["after_block"], e["kind"], e["copycat"], e["map"], e.get("label_f1"), e.get("exact_match"),
+                 e.get("map_calibration"), e["gflops"], e["params"]]
                 for e in r["exits"]
             ],
         ),

@@ -20,7 +20,7 @@ from torch import nn
 from polymorphd.models.core.calibrate import calibrate_exit, centre, decision_thresholds, logit_offsets
 from polymorphd.models.core.cost import count_params, exit_flops, gflops
 from polymorphd.models.core.knobs import PolicyKnobs
-from polymorphd.models.core.metrics import mean_average_precision
+from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.nn.exits import build_exit
 from polymorphd.models.nn.lora import ContextAdapter, adapter_logits, tail_start
 from polymorphd.models.nn.vit import VisionTransformer
@@ -186,6 +186,15 @@ def exit_loss(
     return preset.copycat_label_weight * label + preset.copycat_distill_weight * temp**2 * distill
 
 
+def labels_at_own_thresholds(
+    calib_truth: np.ndarray, calib_probs: np.ndarray, truth: np.ndarray, probs: np.ndarray, min_positives: int
+) -> dict[str, float | None]:
+    """Label F1 and exact match of the labels ``probs > t`` against ``truth``, t the classifier's own decision
+    thresholds fit on the calibration frames as calibration fits them (``decision_thresholds``)."""
+    t = decision_thresholds(calib_truth, calib_probs, min_positives=min_positives)
+    return {k: jsonable(v) for k, v in label_quality(probs > t, truth).items()}
+
+
 def train_exits(
     vit: VisionTransformer, train: SplitData, calib: SplitData, report: SplitData, ctx: Ctx
 ) -> tuple[list[nn.Module], list[dict]]:
@@ -197,6 +206,9 @@ def train_exits(
     small preset (3 seeds): the views lift the SL-ViT exit after block 2 from 0.56 to 0.62 test mAP and
     leave the MLP exit at 0.58; with the clean frames alone both overfit (train mAP 0.9). Picking epochs on
     the 6-video calibration split added more noise than it removed.
+
+    Each variant's label F1 and exact match (``label_quality``) score its labels on the report split at its
+    own decision thresholds, fit on the calibration split as calibration fits the deployed exits'.
     """
     freeze(vit)
     p = ctx.preset
@@ -219,18 +231,22 @@ def train_exits(
 
     fit(list(bank.named_parameters()), len(Y), step, p.exits, ctx, "exits")
     bank.eval()
-    scores = {}
+    scores, probs = {}, {}
     with torch.no_grad():
         for split in (calib, report):
             feats, _ = frozen_features(vit, split.images, ctx, positions)
             for i, (m, b) in enumerate(zip(modules, bank.positions, strict=True)):
-                probs = torch.sigmoid(m(feats[b])).cpu().numpy()
-                scores[split.name, i] = jsonable(mean_average_precision(split.Y, probs)[0])
+                probs[split.name, i] = torch.sigmoid(m(feats[b])).cpu().numpy().astype(np.float64)
+                scores[split.name, i] = jsonable(mean_average_precision(split.Y, probs[split.name, i])[0])
     results = []
     for i, ((kind, copycat, b), m) in enumerate(zip(variants, modules, strict=True)):
+        labels = labels_at_own_thresholds(
+            calib.Y, probs[calib.name, i], report.Y, probs[report.name, i], p.threshold_min_positives
+        )
         results.append(
             {
                 "after_block": b, "kind": kind, "copycat": copycat, "map": scores[report.name, i],
+                "label_f1": labels["label_f1"], "exact_match": labels["exact_match"],
                 "map_calibration": scores[calib.name, i],
                 "gflops": gflops(exit_flops(vit.cfg, cfgs[kind][b])), "params": count_params(m),
                 "train_samples": len(Y),

@@ -25,6 +25,7 @@ import torch
 
 from polymorphd.models.core.contexts import cluster_contexts, coverage
 from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.metrics import label_quality
 from polymorphd.models.core.preprocess import InputSpec
 from polymorphd.models.data.tao import (
     Frame,
@@ -40,7 +41,7 @@ from polymorphd.models.nn.lora import ContextAdapter
 from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train import distributed, run, stages
 from polymorphd.models.train.distributed import DistEnv
-from polymorphd.models.train.loop import Ctx, SplitData
+from polymorphd.models.train.loop import Ctx, SplitData, predict
 from polymorphd.models.train.presets import Preset, get_preset
 from polymorphd.models.train.pretrain import resolve_init_from
 from polymorphd.models.train.report import build_report, render_markdown
@@ -364,7 +365,13 @@ def train(
         "threads": torch.get_num_threads(),
         "load_data_seconds": round(load_s, 2),
     }
-    result.report = build_report(meta=meta, records=stage_log.records, vit=job.vit, preset=preset)
+    result.report = build_report(
+        meta=meta,
+        records=stage_log.records,
+        vit=job.vit,
+        preset=preset,
+        generalist_labels=generalist_labels(job, stage_log.records["calibration"]["result"]),
+    )
     if env.is_main:
         run.save_report(out, result.report, render_markdown(result.report))
     log.info(
@@ -376,14 +383,25 @@ def train(
     return result
 
 
+def generalist_labels(job: Job, calibration: dict[str, Any]) -> dict[str, float]:
+    """The final classifier's label F1 and exact match on the report split at the calibrated class thresholds
+    (what the manifest publishes with); one pass over the report frames, so a resumed run measures it too."""
+    thresholds = np.asarray(calibration["class_thresholds"])
+    return label_quality(predict(job.vit, job.data.report.images, job.ctx) > thresholds, job.data.report.Y)
+
+
 def _summary(r: dict[str, Any], out: Path) -> list[str]:
     lines = [
         f"run written to {out} ({run.REPORT_MD}, {run.REPORT_JSON})",
-        f"  generalist mAP {_num(r['generalist'].get('map'))}",
+        f"  generalist mAP {_num(r['generalist'].get('map'))}, label F1 {_num(r['generalist'].get('label_f1'))}, "
+        f"exact match {_num(r['generalist'].get('exact_match'))} ({r['splits']['report']['name']})",
     ]
     for e in r["exits"]:
         cc = "copycat" if e["copycat"] else "labels "
-        lines.append(f"  exit after {e['after_block']}: {e['kind']:5s} {cc} mAP {_num(e['map'])}")
+        lines.append(
+            f"  exit after {e['after_block']}: {e['kind']:5s} {cc} mAP {_num(e['map'])}, "
+            f"label F1 {_num(e.get('label_f1'))}"
+        )
     gains = [(a["map_adapter"] or 0) - (a["map_generalist"] or 0) for a in r["adapters"]]
     lines.append(
         f"  {len(r['contexts'])} contexts, coverage k=1 {_num(r['coverage'].get('1'))}; "

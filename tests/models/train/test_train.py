@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +26,7 @@ from polymorphd.models.train.augment import Geometry, augment_batch, augment_geo
 from polymorphd.models.train.boxaug import move_boxes, paste_objects, patch_targets  # noqa: E402
 from polymorphd.models.train.presets import PRESETS, Augment, get_preset  # noqa: E402
 from polymorphd.models.train.run import load_run  # noqa: E402
-from polymorphd.models.train.train import STAGES, load_data, train  # noqa: E402
+from polymorphd.models.train.train import STAGES, _summary, generalist_labels, load_data, train  # noqa: E402
 
 TINY_DATA = SynthConfig(
     num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=12, hubs=1, hub_contexts=2,
@@ -80,6 +81,10 @@ def test_report_fields_are_present_and_numeric(run) -> None:
     rep = json.loads((out / "report.json").read_text())
     assert rep == json.loads(json.dumps(res.report))
     assert _numeric(rep["generalist"]["map"]) and 0.0 <= rep["generalist"]["map"] <= 1.0
+    for k in ("label_f1", "exact_match"):  # beside mAP, for the generalist and every exit variant
+        assert _numeric(rep["generalist"][k]) and 0.0 <= rep["generalist"][k] <= 1.0
+        assert all(_numeric(e[k]) and 0.0 <= e[k] <= 1.0 for e in rep["exits"])
+    assert "'test' split" in rep["label_definition"] and "'validation' split" in rep["label_definition"]
     assert len(rep["exits"]) == 2 * 4  # two positions x {slvit, mlp} x {copycat, not}
     combos = {(e["after_block"], e["kind"], e["copycat"]) for e in rep["exits"]}
     assert combos == {(b, k, c) for b in (1, 2) for k in ("slvit", "mlp") for c in (True, False)}
@@ -100,7 +105,72 @@ def test_report_fields_are_present_and_numeric(run) -> None:
     assert "'test'" in rep["map_definition"] and "macro" in rep["map_definition"]
     assert set(STAGES) <= set(rep["timings"]) and all(_numeric(v) for v in rep["timings"].values())
     md = (out / "report.md").read_text()
-    assert "| after block | kind | copycat | mAP |" in md and "## Wall time" in md
+    assert "| after block | kind | copycat | mAP | label F1 | exact match |" in md and "## Wall time" in md
+    assert "| mAP (report) | label F1 (report) | exact match (report) |" in md
+    g = rep["generalist"]
+    assert f"| {g['map']:.4f} | {g['label_f1']:.4f} | {g['exact_match']:.4f} |" in md
+    assert rep["label_definition"] in md
+    summary = "\n".join(_summary(rep, out))
+    assert f"label F1 {g['label_f1']:.4f}, exact match {g['exact_match']:.4f} (test)" in summary
+
+
+def test_report_label_quality_is_that_of_the_thresholded_predictions(run, dataset) -> None:
+    """Generalist: its labels at the calibrated class thresholds (the manifest's); each deployed exit: its
+    labels at its own decision thresholds fit on the calibration split; both scored on the test split."""
+    from polymorphd.models.core.calibrate import decision_thresholds
+    from polymorphd.models.core.metrics import label_quality
+    from polymorphd.models.nn.exits import build_exit
+    from polymorphd.models.train.distributed import DistEnv
+    from polymorphd.models.train.loop import Ctx, frozen_features, predict
+
+    out, res = run
+    r, preset = load_run(out), get_preset("tiny")
+    data = load_data(dataset, preset.img_size)
+    assert (data.calib.name, data.report.name) == ("validation", "test")
+    ctx = Ctx(spec=InputSpec(size=preset.img_size), preset=preset, env=DistEnv(), seed=3, progress=False)
+    thresholds = np.asarray(r.calibration["class_thresholds"])
+    probs = predict(r.vit, data.report.images, ctx)
+    want = label_quality(probs > thresholds, data.report.Y)
+    assert {k: res.report["generalist"][k] for k in want} == pytest.approx(want)
+    # the tiny generalist's scores barely move, so also check the thresholds are the ones given: halfway
+    # through each class's range, the label sets differ from frame to frame
+    job = SimpleNamespace(vit=r.vit, data=data, ctx=ctx)
+    mid = (probs.min(axis=0) + probs.max(axis=0)) / 2
+    got = generalist_labels(job, {"class_thresholds": mid.tolist()})
+    assert got == pytest.approx(label_quality(probs > mid, data.report.Y))
+    assert got != generalist_labels(job, {"class_thresholds": [0.5] * len(mid)})
+    raw_states = torch.load(out / "exits.pt", weights_only=True)
+    deployed = [e for e in res.report["exits"] if e["kind"] == "slvit" and e["copycat"]]
+    assert len(deployed) == len(r.exit_configs) == 2
+    for ec, state, reported in zip(r.exit_configs, raw_states, deployed, strict=True):
+        assert reported["after_block"] == ec.after_block
+        m = build_exit(r.vit.cfg, ec).eval()
+        m.load_state_dict(state)  # uncentred: its own thresholds, as the report measures it
+        probs = {}
+        for split in (data.calib, data.report):
+            tokens = frozen_features(r.vit, split.images, ctx, [ec.after_block])[0][ec.after_block]
+            with torch.no_grad():
+                probs[split.name] = torch.sigmoid(m(tokens)).numpy().astype(np.float64)
+        t = decision_thresholds(
+            data.calib.Y, probs["validation"], min_positives=preset.threshold_min_positives
+        )
+        want = label_quality(probs["test"] > t, data.report.Y)
+        assert {k: reported[k] for k in want} == pytest.approx(want)
+
+
+def test_exit_labels_are_scored_at_the_exits_own_thresholds() -> None:
+    # class 0 is present where the exit scores 0.3 on calibration frames, absent at 0.1: its own threshold
+    # lies between, far below 0.5; on report frames 0.25 must count as present and 0.05 as absent
+    calib_truth = np.array([[1], [1], [1], [0], [0], [0]], dtype=np.uint8)
+    calib_probs = np.array([[0.3], [0.32], [0.28], [0.1], [0.12], [0.08]])
+    truth = np.array([[1], [0], [1], [0]], dtype=np.uint8)
+    probs = np.array([[0.25], [0.05], [0.26], [0.45]])  # the last frame is a false positive
+    got = stages.labels_at_own_thresholds(calib_truth, calib_probs, truth, probs, min_positives=3)
+    assert got == pytest.approx(
+        {"label_f1": 0.75, "exact_match": 0.75}
+    )  # per frame F1: 1, 1 (both empty), 1, 0
+    empty = stages.labels_at_own_thresholds(calib_truth, calib_probs, truth[:0], probs[:0], min_positives=3)
+    assert empty == {"label_f1": None, "exact_match": None}  # JSON-ready: no frames, no number
 
 
 def test_exit_views_carry_the_teachers_answer_on_each_view_and_respect_the_memory_cap(
