@@ -8,12 +8,16 @@ import pytest
 from polymorphd.models.core.calibrate import (
     DEFAULT_GRID,
     calibrate_exit,
+    centre,
     class_thresholds,
     decision_thresholds,
+    final_scale,
     global_threshold,
+    logit_offsets,
+    video_blocks,
 )
 from polymorphd.models.core.exitrule import exit_decides, exit_labels
-from polymorphd.models.core.metrics import frame_f1
+from polymorphd.models.core.metrics import frame_f1, mean_average_precision
 
 
 def test_class_thresholds_hand_cases() -> None:
@@ -162,3 +166,139 @@ def test_decision_thresholds_are_per_class_only_where_positives_suffice() -> Non
     assert thr[0] == pytest.approx(class_thresholds(Y, P)[0])
     assert thr[1] == thr[2] == global_threshold(Y, P)
     assert (decision_thresholds(Y, P, min_positives=0) == class_thresholds(Y, P)).all()
+
+
+# --- the held-out bound: mAP and F1 cost against the final classifier, checked on other videos ---
+
+VIDEOS, PER_VIDEO = 8, 25
+
+
+def _videos(K: int = 5, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (F, K) whose frames come in videos of near-identical label sets, and the video of each frame."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((VIDEOS, K)) < 0.35
+    Y = np.repeat(base, PER_VIDEO, axis=0) ^ (rng.random((VIDEOS * PER_VIDEO, K)) < 0.05)
+    return Y, np.repeat(np.arange(VIDEOS), PER_VIDEO)
+
+
+def _costs(P_exit, P_final, Y, thr, rows) -> tuple[float, float]:
+    """mAP cost and F1 cost of letting the exit answer every frame in `rows` (longhand)."""
+    Y, Pe, Pf = Y[rows], P_exit[rows], P_final[rows]
+    map_cost = mean_average_precision(Y, Pf)[0] - mean_average_precision(Y, Pe)[0]
+    f1_cost = _mean_frame_f1(Pf > thr, Y) - _mean_frame_f1(Pe > 0.5, Y)
+    return map_cost, f1_cost
+
+
+def test_an_exit_within_f1_tolerance_that_costs_map_answers_nothing() -> None:
+    """Confident and right on every label but a rare class, which it confidently misses: a miss in a frame
+    of four labels costs little F1, but the rare class's AP, and so mAP (a mean over classes), falls."""
+    Y, groups = _videos()
+    Y[:, 4] = False
+    rare = np.arange(VIDEOS) * PER_VIDEO + 3  # one frame in each video
+    Y[rare] = True
+    Y[rare, 3] = False
+    P_final = np.where(Y, 0.9, 0.1)
+    P_exit = np.where(Y, 0.97, 0.02)
+    P_exit[rare[::3], 4] = 0.02  # missed in videos 0, 3 and 6: in both folds (videos alternate)
+    thr = np.full(5, 0.5)
+    for fold in (groups % 2 == 0, groups % 2 == 1):
+        map_cost, f1_cost = _costs(P_exit, P_final, Y, thr, fold)
+        assert f1_cost <= 0.01 < map_cost  # within tolerance in F1, over it in mAP
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.01, groups=groups)
+    assert (lo, hi) == (0.0, 1.0) and stats["exit_rate"] == 0.0
+    # a tolerance above that mAP cost lets it answer every frame
+    assert calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.1, groups=groups)[2]["exit_rate"] == 1.0
+
+
+def test_an_exit_within_map_tolerance_that_costs_f1_answers_nothing() -> None:
+    """Ranks every class perfectly, but is over-confident: a fifth of the frames carry a spurious label
+    just above hi (0.97, below every true label's 0.99), so mAP is untouched and the label sets are wrong."""
+    Y, groups = _videos(seed=1)
+    P_final = np.where(Y, 0.9, 0.1)
+    P_exit = np.where(Y, 0.99, 0.02)
+    spurious = np.flatnonzero(np.arange(len(Y)) % 5 == 0)
+    k = np.argmin(Y[spurious], axis=1)  # the first absent class of each such frame
+    assert not Y[spurious, k].any()
+    P_exit[spurious, k] = 0.97
+    thr = np.full(5, 0.5)
+    grid = (0.05, 0.5, 0.95)  # no hi between 0.97 and 0.99 that would drop the spurious labels
+    for fold in (groups % 2 == 0, groups % 2 == 1):
+        map_cost, f1_cost = _costs(P_exit, P_final, Y, thr, fold)
+        assert map_cost <= 1e-12 and f1_cost > 0.01
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, groups=groups, grid=grid)
+    assert (lo, hi) == (0.0, 1.0) and stats["exit_rate"] == 0.0
+    assert not exit_decides(P_exit, lo, hi).any()
+
+
+def test_a_cost_within_tolerance_on_average_but_not_on_held_out_videos_is_refused() -> None:
+    """Spurious labels (ranked below every true one, so mAP is untouched) gathered in two videos of one fold:
+    over all frames the F1 cost is within the tolerance, so choosing and checking on the same frames would
+    let it answer everything; on the fold holding those videos it is twice that, so it answers nothing."""
+    Y, groups = _videos(seed=2)
+    P_final = np.where(Y, 0.9, 0.1)
+    P_exit = np.where(Y, 0.99, 0.02)
+    bad = np.flatnonzero(np.isin(groups, (1, 3)))[::10][:5]  # 5 frames in videos 1 and 3 (fold 1)
+    P_exit[bad] = np.where(Y[bad], 0.99, 0.97)  # every absent class declared present
+    thr = np.full(5, 0.5)
+    grid = (0.05, 0.5, 0.95)
+    map_all, f1_all = _costs(P_exit, P_final, Y, thr, slice(None))
+    map_fold, f1_fold = _costs(P_exit, P_final, Y, thr, groups % 2 == 1)
+    assert map_all <= 1e-12 and map_fold <= 1e-12
+    assert f1_all <= 0.01 < f1_fold
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, groups=groups, tolerance=0.01, grid=grid)
+    assert stats["exit_rate"] == 0.0 and (lo, hi) == (0.0, 1.0)
+    assert _costs(P_exit, P_final, Y, thr, groups % 2 == 0)[1] == 0.0  # the other fold is clean
+    # held out by frame (every frame its own video), both halves share the bad videos and it passes
+    assert calibrate_exit(P_exit, P_final, Y, thr, tolerance=0.01, grid=grid)[2]["exit_rate"] == 1.0
+
+
+def test_a_good_exit_still_answers_most_frames_and_reports_its_held_out_cost() -> None:
+    """Centred exit, confident and right on 85 % of frames, unsure on the rest; the final classifier's
+    thresholds are 0.3, so the exit's scores are mixed in on the final's scale (``final_scale``)."""
+    rng = np.random.default_rng(4)
+    Y, groups = _videos(K=12, seed=4)
+    F, K = Y.shape
+    P_final = np.where(Y, rng.uniform(0.2, 0.95, Y.shape), rng.uniform(0.01, 0.45, Y.shape))
+    thr = np.full(K, 0.3)
+    P_exit = np.where(Y, rng.uniform(0.97, 0.999, Y.shape), rng.uniform(0.001, 0.03, Y.shape))
+    unsure = rng.random(F) < 0.15
+    P_exit[unsure] = rng.uniform(0.2, 0.8, (unsure.sum(), K))
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, groups=groups, centred=True)
+    exits = exit_decides(P_exit, lo, hi)
+    assert stats["exit_rate"] == exits.mean() >= 0.8
+    assert stats["folds"] == 2 and stats["check_frames"] == F // 2
+    assert stats["map_cost"] <= 0.01 and stats["f1_cost"] <= 0.01
+    # the check cost is measured as the engine publishes: the exit's scores on the final's scale where it
+    # answers, the final's elsewhere, on one half of the videos
+    mixed = np.where(exits[:, None], final_scale(P_exit, thr), P_final)
+    halves = [groups % 2 == h for h in (0, 1)]
+    costs = [
+        mean_average_precision(Y[r], P_final[r])[0] - mean_average_precision(Y[r], mixed[r])[0]
+        for r in halves
+    ]
+    assert (
+        any(stats["map_cost"] == pytest.approx(c) for c in costs) and max(costs) < 0
+    )  # the exit ranks better
+    assert stats["check_exit_rate"] in [exits[r].mean() for r in halves]
+
+
+def test_one_video_has_nothing_to_hold_out_so_its_exit_never_answers() -> None:
+    """One video alone: nothing to hold out, so the exit never answers, however good it is."""
+    P_exit, P_final, Y, thr = _case()
+    assert calibrate_exit(P_exit, P_final, Y, thr, groups=np.zeros(len(Y)))[:2] == (0.0, 1.0)
+    assert calibrate_exit(P_exit, P_final, Y, thr, groups=np.arange(len(Y)) % 2)[2]["exit_rate"] == 0.5
+    with pytest.raises(ValueError, match=r"groups has shape \(3,\)"):
+        calibrate_exit(P_exit, P_final, Y, thr, groups=np.zeros(3))
+    with pytest.raises(ValueError, match="folds"):
+        calibrate_exit(P_exit, P_final, Y, thr, folds=1)
+
+
+def test_video_blocks_and_final_scale() -> None:
+    assert video_blocks(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
+    assert video_blocks(7, 2).tolist() == [0, 0, 0, 0, 1, 1, 1]
+    assert video_blocks(0, 4).size == 0 and video_blocks(2, 5).tolist() == [0, 1]
+    # centring on the final's thresholds and mapping back is the identity; p = 0.5 lands on the threshold
+    t = np.array([0.05, 0.3, 0.5, 0.9])
+    p = np.array([[0.01, 0.2, 0.5, 0.95], [0.5, 0.5, 0.5, 0.5]])
+    assert final_scale(centre(p, logit_offsets(t)), t) == pytest.approx(p)
+    assert final_scale(p[1:], t)[0] == pytest.approx(t)
