@@ -64,10 +64,12 @@ class CorpusConfig:
     max_objects: int = 4
     footage: tuple[str, ...] = ()  # video files for backdrops, each used by an equal share of the videos
     procedural_share: float = 0.5  # share of videos on procedural backdrops (the rest on footage)
+    sources: tuple[str, ...] = ("proc",)  # class sources (data/sprites.py); "proc" shares no class with the default
     seed: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "footage", tuple(str(f) for f in self.footage))
+        object.__setattr__(self, "sources", tuple(self.sources))
         if not 2 <= self.classes <= 512:
             raise ConfigError(f"pretraining classes must be in 2..512, got {self.classes}")
         if self.videos < 2 or not 1 <= self.heldout < self.videos:
@@ -83,7 +85,7 @@ class CorpusConfig:
 
     def synth(self, background: str | None) -> SynthConfig:
         return SynthConfig(
-            num_classes=self.classes, num_contexts=max(1, min(16, self.classes // 16)), sources=("proc",), width=self.size, height=self.size,
+            num_classes=self.classes, num_contexts=max(1, min(16, self.classes // 16)), sources=self.sources, width=self.size, height=self.size,
             frames_per_video=self.frames, scene_length=(self.frames, self.frames), min_objects=1,
             max_objects=self.max_objects, outside_prob=0.3, object_size=(0.2, 0.45), exemplars=0,
             background=background, background_pool=0, seed=self.seed,
