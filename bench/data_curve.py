@@ -42,7 +42,8 @@ def first_videos(data: SplitData, n: int, frames_per_video: int) -> SplitData:
     if k > len(data.Y):
         raise SystemExit(f"the dataset has {data.videos} train videos; {n} asked")
     boxes = None if data.boxes is None else data.boxes[:k]
-    return SplitData(data.name, data.images[:k], data.Y[:k], n, boxes)
+    ids = None if data.video_ids is None else data.video_ids[:k]
+    return SplitData(data.name, data.images[:k], data.Y[:k], n, boxes, ids)
 
 
 def point(args, ds, n: int, seed: int, per_video: int) -> dict:

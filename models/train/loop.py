@@ -34,6 +34,7 @@ class SplitData:
     Y: np.ndarray  # (F, K) uint8 multi-hot
     videos: int
     boxes: list[np.ndarray] | None = None  # per frame (n, 5) [class column, x0, y0, x1, y1] at input size
+    video_ids: np.ndarray | None = None  # (F,) each frame's video, for splits by video (exit calibration)
 
 
 class Batches:

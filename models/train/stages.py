@@ -381,9 +381,8 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     had to serve classes whose best thresholds range from 0.05 to 0.9, and on the small run the exit after
     block 2 left 15 % of calibration frames, against 100 % centred at equal F1 (models/core/calibrate.py).
 
-    (lo, hi) is chosen on some calibration videos and checked on the others (``calibrate_exit``); the split
-    holds frames video by video but knows only the number of videos, so videos are taken as equal blocks
-    (``video_blocks``, exact on the synthetic data). Per exit: lo, hi, exit_rate, and on the held-out
+    (lo, hi) is chosen on some calibration videos and checked on the others (``calibrate_exit``), videos
+    told apart by the split's ``video_ids`` (equal blocks, ``video_blocks``, when a split has none). Per exit: lo, hi, exit_rate, and on the held-out
     videos the mAP and F1 cost of answering there (map_cost, f1_cost).
     """
     freeze(vit)
@@ -391,7 +390,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     tokens, final = frozen_features(vit, calib.images, ctx, positions, final=True)
     n = ctx.preset.threshold_min_positives
     thr = decision_thresholds(calib.Y, final, min_positives=n)
-    groups = video_blocks(len(calib.Y), calib.videos)
+    groups = calib.video_ids if calib.video_ids is not None else video_blocks(len(calib.Y), calib.videos)
     if calib.videos < 2:
         log.warning(
             "calibration split %s has %d video(s): nothing to hold out, so no exit will answer",

@@ -403,6 +403,14 @@ def test_train_boxes_match_the_labels(dataset) -> None:
         assert (b[:, 1:] >= -1).all() and (b[:, 1:] <= 33).all() and (b[:, 3] > b[:, 1]).all()
 
 
+def test_splits_know_each_frames_video(dataset) -> None:
+    data = load_data(dataset, 32)
+    for split in (data.train, data.calib, data.report):
+        ids = split.video_ids
+        assert ids is not None and len(ids) == len(split.Y) and len(set(ids.tolist())) == split.videos
+        assert (np.diff(ids) != 0).sum() == split.videos - 1  # stored video by video
+
+
 def test_training_input_is_the_runtime_preprocessing() -> None:
     frames = np.random.default_rng(1).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
     spec = InputSpec(size=32)
