@@ -54,7 +54,9 @@ def point(args, ds, n: int, seed: int, per_video: int) -> dict:
         preset = replace(preset, stem=read_checkpoint(args.init_from).fields.get("stem", "patch"))
     train = first_videos(ds.train, n, per_video)
     epochs = max(1, round(args.steps * preset.generalist.batch_size / len(train.Y)))
-    preset = replace(preset, generalist=replace(preset.generalist, epochs=epochs))
+    preset = replace(
+        preset, generalist=replace(preset.generalist, epochs=epochs, lr=args.lr or preset.generalist.lr)
+    )
     ctx = Ctx(spec=InputSpec(size=preset.img_size), preset=preset, env=DistEnv(), seed=seed, progress=True)
     torch.manual_seed(seed)
     vit = VisionTransformer(preset.vit_config(len(ds.class_ids)))
@@ -67,7 +69,7 @@ def point(args, ds, n: int, seed: int, per_video: int) -> dict:
     P = predict(vit, ds.report.images, ctx)
     pred, Y = t < P, ds.report.Y.astype(bool)
     return {
-        "videos": n, "seed": seed, "epochs": epochs,
+        "videos": n, "seed": seed, "epochs": epochs, "lr": preset.generalist.lr,
         "steps": math.ceil(len(train.Y) / preset.generalist.batch_size) * epochs,
         "map_test": res["map"], "map_calibration": res["map_calibration"],
         "label_f1_test": float(frame_f1(pred, Y).mean()), "exact_test": float((pred == Y).all(axis=1).mean()),
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--init-from", default=None, help="pretrained checkpoint (default: from scratch)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--lr", type=float, default=None, help="generalist learning rate (default: the preset's)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", required=True, help="JSON file for the points (rewritten after each)")
     args = ap.parse_args()

@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--videos",
         type=int,
         nargs=3,
-        default=(24, 6, 6),
+        default=None,
         metavar=("TRAIN", "VAL", "TEST"),
-        help="videos per split",
+        help="videos per split (default: 144 12 12)",
     )
     s.add_argument("--frames", type=int, default=60, help="frames per video")
     s.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"), help="frame size")

@@ -98,6 +98,9 @@ class Preset:
     # global one (calibrate.decision_thresholds): few positives, from one or two videos, overfit
     threshold_min_positives: int = 100
     augment: Augment = field(default_factory=Augment)
+    # the generalist's budget in optimizer steps (None: ``generalist.epochs`` as given): the epochs follow from
+    # the dataset's size, so a bigger dataset is seen fewer times at the same cost (bench/data_curve.py)
+    generalist_steps: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exit_after", tuple(self.exit_after))
@@ -108,6 +111,10 @@ class Preset:
             self.lora_config()
         except ValueError as exc:
             raise ConfigError(f"preset {self.name!r} is inconsistent: {exc}") from exc
+        if self.generalist_steps is not None and self.generalist_steps < 1:
+            raise ConfigError(
+                f"preset {self.name!r}: generalist_steps must be >= 1, got {self.generalist_steps}"
+            )
         if self.exit_views < 0:
             raise ConfigError(f"preset {self.name!r}: exit_views must be >= 0, got {self.exit_views}")
         if self.lora_last_blocks > self.depth - max(self.exit_after, default=0):
@@ -142,6 +149,14 @@ class Preset:
             return self
         if epochs < 1:
             raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+        return replace(self, generalist=replace(self.generalist, epochs=epochs), generalist_steps=None)
+
+    def for_frames(self, frames: int) -> Preset:
+        """The preset for a training split of ``frames`` frames: ``generalist_steps`` turned into epochs."""
+        if not self.generalist_steps:
+            return self
+        per_epoch = max(1, -(-frames // self.generalist.batch_size))
+        epochs = max(1, round(self.generalist_steps / per_epoch))
         return replace(self, generalist=replace(self.generalist, epochs=epochs))
 
     def to_dict(self) -> dict:
@@ -159,11 +174,12 @@ PRESETS: dict[str, Preset] = {
     ),
     "small": Preset(
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
-        # the default synthetic dataset trains in ~3 min on 2 cores; the best epoch by calibration mAP is kept
-        generalist=Schedule(epochs=12, lr=1e-3, batch_size=32),
+        # 540 generalist steps from the pretrained backbone: 2 epochs of the default 144 training videos, the
+        # best epoch by calibration mAP kept; one augmented view per frame suffices for the exits at that size
+        generalist=Schedule(epochs=12, lr=1e-3, batch_size=32), generalist_steps=540,
         exits=Schedule(epochs=6, lr=1e-3, batch_size=64),
         adapters=Schedule(epochs=3, lr=1e-3, batch_size=64, weight_decay=0.01),
-        exit_width=112, exit_pool_grid=4, exit_mlp_hidden=256, exit_views=6,
+        exit_width=112, exit_pool_grid=4, exit_mlp_hidden=256, exit_views=1,
     ),
     "base": Preset(
         name="base", img_size=64, patch_size=8, embed_dim=192, depth=9, num_heads=3, exit_after=(3, 6),

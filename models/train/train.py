@@ -330,6 +330,7 @@ def train(
             preset = replace(preset, stem=stem)
     t0 = time.perf_counter()
     data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
+    preset = preset.for_frames(len(data.train.Y))
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
     _open_run(out, _config(preset, data, spec, seed, init_from), env)
