@@ -64,7 +64,9 @@ class CorpusConfig:
     max_objects: int = 4
     footage: tuple[str, ...] = ()  # video files for backdrops, each used by an equal share of the videos
     procedural_share: float = 0.5  # share of videos on procedural backdrops (the rest on footage)
-    sources: tuple[str, ...] = ("proc",)  # class sources (data/sprites.py); "proc" shares no class with the default
+    sources: tuple[str, ...] = (
+        "proc",
+    )  # class sources (data/sprites.py); "proc" shares no class with the default
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -190,7 +192,8 @@ def pretrain(
         "command": command,
         "preset": preset.name,
         "vit": vit.cfg.to_dict(),
-        "corpus": asdict(corpus) | {"footage": [Path(f).name for f in corpus.footage]},
+        "corpus": asdict(corpus)
+        | {"footage": [Path(f).name for f in corpus.footage], "sources": list(corpus.sources)},
         "schedule": asdict(schedule),
         "seed": seed,
         "heldout_map": res["map_calibration"],
