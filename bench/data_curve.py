@@ -25,8 +25,9 @@ import numpy as np
 import torch
 
 from polymorphd.models.core.calibrate import global_threshold
-from polymorphd.models.core.metrics import frame_f1
+from polymorphd.models.core.metrics import label_quality
 from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.nn.checkpoint import checkpoint_stem
 from polymorphd.models.nn.checkpoint import init_from as load_init
 from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train import stages
@@ -36,27 +37,25 @@ from polymorphd.models.train.presets import get_preset
 from polymorphd.models.train.train import load_data
 
 
-def first_videos(data: SplitData, n: int, frames_per_video: int) -> SplitData:
+def first_videos(data: SplitData, n: int) -> SplitData:
     """The first ``n`` videos of a split (frames are stored video by video, in frame order)."""
-    k = n * frames_per_video
-    if k > len(data.Y):
-        raise SystemExit(f"the dataset has {data.videos} train videos; {n} asked")
+    starts = np.flatnonzero(np.r_[True, data.video_ids[1:] != data.video_ids[:-1]])
+    if n > len(starts):
+        raise SystemExit(f"the dataset has {len(starts)} train videos; {n} asked")
+    k = starts[n] if n < len(starts) else len(data.Y)
     boxes = None if data.boxes is None else data.boxes[:k]
-    ids = None if data.video_ids is None else data.video_ids[:k]
-    return SplitData(data.name, data.images[:k], data.Y[:k], n, boxes, ids)
+    return SplitData(data.name, data.images[:k], data.Y[:k], data.video_ids[:k], boxes)
 
 
-def point(args, ds, n: int, seed: int, per_video: int) -> dict:
+def point(args, ds, n: int, seed: int) -> dict:
     preset = get_preset(args.preset)
+    lr = args.lr or preset.generalist.lr
+    preset = replace(preset, generalist=replace(preset.generalist, lr=lr), generalist_steps=args.steps)
     if args.init_from:
-        from polymorphd.models.nn.checkpoint import read_checkpoint
-
-        preset = replace(preset, stem=read_checkpoint(args.init_from).fields.get("stem", "patch"))
-    train = first_videos(ds.train, n, per_video)
-    epochs = max(1, round(args.steps * preset.generalist.batch_size / len(train.Y)))
-    preset = replace(
-        preset, generalist=replace(preset.generalist, epochs=epochs, lr=args.lr or preset.generalist.lr)
-    )
+        preset = replace(preset, stem=checkpoint_stem(args.init_from))
+    train = first_videos(ds.train, n)
+    preset = preset.for_frames(len(train.Y))
+    epochs = preset.generalist.epochs
     ctx = Ctx(spec=InputSpec(size=preset.img_size), preset=preset, env=DistEnv(), seed=seed, progress=True)
     torch.manual_seed(seed)
     vit = VisionTransformer(preset.vit_config(len(ds.class_ids)))
@@ -66,13 +65,12 @@ def point(args, ds, n: int, seed: int, per_video: int) -> dict:
     res = stages.train_generalist(vit, train, ds.calib, ds.report, ctx)
     secs = time.perf_counter() - t0
     t = global_threshold(ds.calib.Y.astype(bool), predict(vit, ds.calib.images, ctx))
-    P = predict(vit, ds.report.images, ctx)
-    pred, Y = t < P, ds.report.Y.astype(bool)
+    q = label_quality(predict(vit, ds.report.images, ctx) > t, ds.report.Y)
     return {
-        "videos": n, "seed": seed, "epochs": epochs, "lr": preset.generalist.lr,
+        "videos": n, "seed": seed, "epochs": epochs, "lr": lr,
         "steps": math.ceil(len(train.Y) / preset.generalist.batch_size) * epochs,
         "map_test": res["map"], "map_calibration": res["map_calibration"],
-        "label_f1_test": float(frame_f1(pred, Y).mean()), "exact_test": float((pred == Y).all(axis=1).mean()),
+        "label_f1_test": q["label_f1"], "exact_test": q["exact_match"],
         "seconds": round(secs, 1),
     }  # fmt: skip
 
@@ -93,11 +91,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     preset = get_preset(args.preset)
     ds = load_data(args.data, preset.img_size, progress=True)
-    per_video = len(ds.train.Y) // ds.train.videos
     points = []
     for n in args.sizes:
         for seed in args.seeds:
-            points.append(point(args, ds, n, seed, per_video))
+            points.append(point(args, ds, n, seed))
             print(json.dumps(points[-1]))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"args": vars(args), "points": points}, indent=2) + "\n")

@@ -25,7 +25,6 @@ __all__ = [
     "final_scale",
     "global_threshold",
     "logit_offsets",
-    "video_blocks",
 ]
 
 # Candidate values for lo and hi: dense near 0 and 1, where confident exits live.
@@ -131,15 +130,6 @@ def final_scale(probs: np.ndarray, class_thr: np.ndarray) -> np.ndarray:
     p = np.asarray(probs, dtype=np.float64)
     num = p * (t / (1.0 - t))
     return num / (num + (1.0 - p))
-
-
-def video_blocks(n_frames: int, n_videos: int) -> np.ndarray:
-    """Per-frame group ids (F,) for frames stored video by video when only the number of videos is known:
-    ``n_videos`` contiguous blocks of (nearly) equal size. Exact for videos of equal length (the synthetic
-    data); otherwise a block edge can fall inside a video, whose frames then land in two blocks."""
-    if n_frames < 0 or n_videos < 1:
-        raise ValueError(f"need n_frames >= 0 and n_videos >= 1, got {n_frames} frames, {n_videos} videos")
-    return np.arange(n_frames) * min(n_videos, max(n_frames, 1)) // max(n_frames, 1)
 
 
 def _folds(groups: np.ndarray, folds: int) -> tuple[np.ndarray, int]:

@@ -32,9 +32,12 @@ class SplitData:
     name: str
     images: np.ndarray  # (F, S, S, 3) uint8 BGR
     Y: np.ndarray  # (F, K) uint8 multi-hot
-    videos: int
+    video_ids: np.ndarray  # (F,) each frame's video, frames stored video by video (exit calibration splits)
     boxes: list[np.ndarray] | None = None  # per frame (n, 5) [class column, x0, y0, x1, y1] at input size
-    video_ids: np.ndarray | None = None  # (F,) each frame's video, for splits by video (exit calibration)
+
+    @property
+    def videos(self) -> int:
+        return len(np.unique(self.video_ids))
 
 
 class Batches:

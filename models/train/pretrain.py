@@ -140,6 +140,7 @@ def render_corpus(cfg: CorpusConfig, input_size: int, videos: range, progress: b
     images = np.empty((n, input_size, input_size, 3), np.uint8)
     Y = np.zeros((n, cfg.classes), np.uint8)
     boxes: list[np.ndarray] = []
+    video_ids = np.empty(n, np.int64)
     scale = input_size / cfg.size
     i = 0
     for v in tqdm(videos, desc="rendering corpus", unit="video", disable=not progress):
@@ -149,8 +150,9 @@ def render_corpus(cfg: CorpusConfig, input_size: int, videos: range, progress: b
             b = [[o.class_index, x * scale, y * scale, (x + w) * scale, (y + h) * scale]
                  for o in fr.objects for x, y, w, h in [o.bbox]]  # fmt: skip
             boxes.append(np.asarray(b, np.float32).reshape(-1, 5))
+            video_ids[i] = v
             i += 1
-    return SplitData("pretrain", images[:i], Y[:i], len(videos), boxes)
+    return SplitData("pretrain", images[:i], Y[:i], video_ids[:i], boxes)
 
 
 @dataclass

@@ -22,7 +22,6 @@ from polymorphd.models.core.calibrate import (
     centre,
     decision_thresholds,
     logit_offsets,
-    video_blocks,
 )
 from polymorphd.models.core.cost import count_params, exit_flops, gflops
 from polymorphd.models.core.knobs import PolicyKnobs
@@ -382,7 +381,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     block 2 left 15 % of calibration frames, against 100 % centred at equal F1 (models/core/calibrate.py).
 
     (lo, hi) is chosen on some calibration videos and checked on the others (``calibrate_exit``), videos
-    told apart by the split's ``video_ids`` (equal blocks, ``video_blocks``, when a split has none). Per exit: lo, hi, exit_rate, and on the held-out
+    told apart by the split's ``video_ids``. Per exit: lo, hi, exit_rate, and on the held-out
     videos the mAP and F1 cost of answering there (map_cost, f1_cost).
     """
     freeze(vit)
@@ -390,7 +389,6 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     tokens, final = frozen_features(vit, calib.images, ctx, positions, final=True)
     n = ctx.preset.threshold_min_positives
     thr = decision_thresholds(calib.Y, final, min_positives=n)
-    groups = calib.video_ids if calib.video_ids is not None else video_blocks(len(calib.Y), calib.videos)
     if calib.videos < 2:
         log.warning(
             "calibration split %s has %d video(s): nothing to hold out, so no exit will answer",
@@ -409,7 +407,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
                 calib.Y,
                 thr,
                 tolerance=ctx.preset.exit_tolerance,
-                groups=groups,
+                groups=calib.video_ids,
                 centred=True,
             )
             log.info(

@@ -113,8 +113,7 @@ def _split_data(
     Y = split.multi_hot(frames, class_ids, ignore_unknown=True)
     images = load_images(frames, size, progress=progress)
     box_list = load_boxes(split, frames, class_ids, size) if boxes else None
-    video_ids = np.array([f.video_id for f in frames])
-    return SplitData(split.name, images, Y, len(split.videos), box_list, video_ids)
+    return SplitData(split.name, images, Y, np.array([f.video_id for f in frames]), box_list)
 
 
 def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = False) -> Dataset:

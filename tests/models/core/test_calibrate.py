@@ -14,7 +14,6 @@ from polymorphd.models.core.calibrate import (
     final_scale,
     global_threshold,
     logit_offsets,
-    video_blocks,
 )
 from polymorphd.models.core.exitrule import exit_decides, exit_labels
 from polymorphd.models.core.metrics import frame_f1, mean_average_precision
@@ -293,10 +292,7 @@ def test_one_video_has_nothing_to_hold_out_so_its_exit_never_answers() -> None:
         calibrate_exit(P_exit, P_final, Y, thr, folds=1)
 
 
-def test_video_blocks_and_final_scale() -> None:
-    assert video_blocks(6, 3).tolist() == [0, 0, 1, 1, 2, 2]
-    assert video_blocks(7, 2).tolist() == [0, 0, 0, 0, 1, 1, 1]
-    assert video_blocks(0, 4).size == 0 and video_blocks(2, 5).tolist() == [0, 1]
+def test_final_scale_undoes_centring() -> None:
     # centring on the final's thresholds and mapping back is the identity; p = 0.5 lands on the threshold
     t = np.array([0.05, 0.3, 0.5, 0.9])
     p = np.array([[0.01, 0.2, 0.5, 0.95], [0.5, 0.5, 0.5, 0.5]])
