@@ -31,6 +31,7 @@ from polymorphd.daemon.publish import Publisher, label_payload
 from polymorphd.daemon.seam import Engine, EngineFactory, EngineSlot
 from polymorphd.daemon.sources import Frame, FrameSource, Opener
 from polymorphd.daemon.stats import FrameSnapshot, FrameStats
+from polymorphd.daemon.store import crash_point, resolve_load_path
 from polymorphd.daemon.systemd import Notifier
 from polymorphd.models.core.errors import PolymorphError
 
@@ -72,6 +73,7 @@ class Daemon:
         self.slot = EngineSlot(engine_factory or _default_factory, adapter_check or _default_adapter_check)
         self._opener, self.meter = opener, meter
         self.notifier = Notifier(env)
+        self._env = os.environ if env is None else env  # read for POLYMORPHD_FAULT (crash tests) only
         self.state = "created"
         self._stop, self._loop_done = threading.Event(), threading.Event()
         self._loop_done.set()  # no loop is running yet
@@ -306,11 +308,14 @@ class Daemon:
     def _load(self, path: str, cfg: DaemonConfig) -> dict[str, Any]:
         with self._load_lock:
             new = self.slot.prepare(path, cfg)  # off the frame loop: the serving engine is untouched
+            crash_point(self._env, "load:prepared")
             try:
-                return self._between_frames(lambda: self.slot.swap(new))
+                reply = self._between_frames(lambda: self.slot.swap(new))
             except BaseException:
                 new.close()
                 raise
+            crash_point(self._env, "load:swapped")
+            return reply
 
     def reload(self) -> dict[str, Any]:
         """Re-read the config; reload the bundle when its fields changed or its path now resolves elsewhere
@@ -350,7 +355,8 @@ class Daemon:
         return self.stats()
 
     def _cmd_load(self, req: dict[str, Any]) -> dict[str, Any]:
-        return self._load(req["path"], self.cfg)
+        # checked before anything reads the path (even the adapter-bundle check reads its manifest)
+        return self._load(resolve_load_path(req["path"], self.cfg.bundle_store), self.cfg)
 
     def _cmd_rollback(self, req: dict[str, Any]) -> dict[str, Any]:
         return self._between_frames(self.slot.rollback)

@@ -28,7 +28,13 @@ _ENDPOINT = re.compile(r"^(?:(bind|connect):)?((?:tcp|ipc|inproc)://.+)$")
 # does), so a stream matches the dataset a bundle was trained on; stream_seed varies the videos.
 _SYNTH_KEYS = {"seed", "stream_seed", "classes", "contexts", "width", "height", "background"}
 # Fields that name files, resolved against the config file's directory.
-_PATH_FIELDS = (("bundle",), ("pubkey",), ("curve", "server_secret_file"), ("curve", "clients_dir"))
+_PATH_FIELDS = (
+    ("bundle",),
+    ("pubkey",),
+    ("bundle_store",),
+    ("curve", "server_secret_file"),
+    ("curve", "clients_dir"),
+)
 
 
 def parse_endpoint(endpoint: str, default: Literal["bind", "connect"] = "bind") -> tuple[str, str]:
@@ -61,8 +67,10 @@ class _Model(BaseModel):
 
 class Reconnect(_Model):
     initial_s: float = Field(0.5, gt=0, description="first wait before reopening a failed or ended source")
+    # 1 s, not more: a camera that comes back is read again within max_s + its open time (the 2 s promise in
+    # docs/RELIABILITY.md); one open attempt a second costs a dead camera nothing
     max_s: float = Field(
-        10.0, gt=0, description="longest wait between reopen attempts (the wait doubles up to it)"
+        1.0, gt=0, description="longest wait between reopen attempts (the wait doubles up to it)"
     )
 
     @model_validator(mode="after")
@@ -97,7 +105,18 @@ class DaemonConfig(_Model):
     reconnect: Reconnect = Field(
         default_factory=Reconnect, description="backoff when the source fails or ends"
     )
+    stall_s: float = Field(
+        5.0,
+        gt=0,
+        description="a live source that gives no frame for this long is reported 'stalled'; network streams "
+        "also get it as OpenCV's read timeout, so a hung stream is reopened",
+    )
     bundle: str | None = Field(None, description="bundle directory to serve (required to serve)")
+    bundle_store: str | None = Field(
+        None,
+        description="directory every 'ctl load' path must resolve inside, symlinks resolved (the installer's "
+        "store, e.g. /var/lib/polymorphd/bundles); null accepts any path",
+    )
     pubkey: str | None = Field(
         None, description="Ed25519 public key (PEM); bundles must carry a valid signature"
     )
@@ -192,6 +211,7 @@ def _check_files(cfg: DaemonConfig) -> list[tuple[str, str]]:
     for name, path, want_dir in (
         ("bundle", cfg.bundle, True),
         ("pubkey", cfg.pubkey, False),
+        ("bundle_store", cfg.bundle_store, True),
         ("curve.server_secret_file", cfg.curve and cfg.curve.server_secret_file, False),
         ("curve.clients_dir", cfg.curve and cfg.curve.clients_dir, True),
     ):

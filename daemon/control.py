@@ -27,6 +27,9 @@ from polymorphd.models.core.knobs import parse_knobs
 log = logging.getLogger(__name__)
 
 COMMANDS = ("status", "stats", "load", "rollback", "reload", "set")
+# Requests are a few hundred bytes. ZeroMQ closes the connection of a peer that sends more (MAXMSGSIZE) before
+# the message is ever buffered whole, so a hostile client cannot make the daemon allocate a huge request.
+MAX_REQUEST_BYTES = 64 * 1024
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
@@ -40,6 +43,8 @@ def parse_request(raw: bytes) -> dict[str, Any]:
         req = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise RequestError(f'request is not UTF-8 JSON ({exc}); send e.g. {{"cmd": "status"}}') from exc
+    except RecursionError as exc:  # deep nesting: json's recursive decoder gives up
+        raise RequestError("request JSON is nested too deeply; a request is one flat object") from exc
     if not isinstance(req, dict):
         raise RequestError(
             f'request must be a JSON object like {{"cmd": "status"}}, got {type(req).__name__}'
@@ -63,7 +68,12 @@ def parse_request(raw: bytes) -> dict[str, Any]:
 
 
 class ControlServer:
-    """REP socket polled with a timeout, so stop() is prompt."""
+    """REP socket polled with a timeout, so stop() is prompt.
+
+    A monitor socket watches connections: one that closes before any request was handled since it was accepted
+    (a message over MAX_REQUEST_BYTES, which ZeroMQ answers by dropping the connection, or a peer that is not
+    ZeroMQ or fails CURVE) is logged, so an oversize request leaves a trace.
+    """
 
     def __init__(
         self,
@@ -80,8 +90,10 @@ class ControlServer:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.requests = self.errors = 0
+        self.dropped_connections = 0
         self._sock = ctx.socket(zmq.REP)
         self._sock.linger = 0
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_REQUEST_BYTES)
         if curve is not None:
             curve_server(self._sock, curve)
         try:
@@ -89,6 +101,8 @@ class ControlServer:
         except ConfigError:
             self._sock.close(0)
             raise
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._accepted: dict[int, int] = {}  # fd -> requests handled when it was accepted
 
     def handle(self, raw: bytes) -> dict[str, Any]:
         """One request to one reply; never raises."""
@@ -117,12 +131,20 @@ class ControlServer:
             if self._thread.is_alive():
                 log.warning("control thread still busy after %.1f s (a load in progress?)", timeout)
                 return False  # the socket belongs to that thread; closing it here is unsafe
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         return True
 
     def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        poller.register(self._monitor, zmq.POLLIN)
         while not self._stop.is_set():
-            if not self._sock.poll(self._poll_ms, zmq.POLLIN):
+            ready = dict(poller.poll(self._poll_ms))
+            if self._monitor in ready:
+                self._connection_event()
+            if self._sock not in ready:
                 continue
             try:
                 raw = self._sock.recv(zmq.NOBLOCK)
@@ -130,6 +152,26 @@ class ControlServer:
                 continue
             reply = self.handle(raw)
             self._sock.send(json.dumps(reply, default=str).encode())
+
+    def _connection_event(self) -> None:
+        from zmq.utils.monitor import recv_monitor_message
+
+        while True:  # all pending events, so an ACCEPTED is never read after its connection's request
+            try:
+                ev = recv_monitor_message(self._monitor, zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            fd = int(ev["value"])
+            if ev["event"] == zmq.EVENT_ACCEPTED:
+                self._accepted[fd] = self.requests
+            elif ev["event"] == zmq.EVENT_DISCONNECTED and self._accepted.pop(fd, -1) == self.requests:
+                self.dropped_connections += 1
+                log.warning(
+                    "control connection closed before a request was read: a request over %d bytes "
+                    "(MAXMSGSIZE), or a peer that is not a ZeroMQ/CURVE client (%d so far)",
+                    MAX_REQUEST_BYTES,
+                    self.dropped_connections,
+                )
 
 
 def _request_from_args(cmd: str, words: list[str]) -> dict[str, Any]:

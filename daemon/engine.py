@@ -268,9 +268,9 @@ class Engine:
             )
         if manifest.get("base_sha256") != self.base_sha256:
             raise BundleError(
-                f"adapter bundle {root} was made for base {str(manifest.get('base_sha256'))[:12]}..., but the "
-                f"running base is {self.base_sha256[:12]}... ({self.base_root}): export the adapters against "
-                "this base, or load the matching full bundle"
+                f"{root / 'manifest.json'}: adapter bundle made for base "
+                f"{str(manifest.get('base_sha256'))[:12]}..., but the running base is {self.base_sha256[:12]}... "
+                f"({self.base_root}): export the adapters against this base, or load the matching full bundle"
             )
         if list(manifest.get("classes", self.classes)) != self.classes:
             raise BundleError(

@@ -15,12 +15,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from polymorphd.daemon.config import DaemonConfig
-from polymorphd.models.core.errors import PolymorphError
+from polymorphd.models.core.errors import BundleError, PolymorphError
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +98,10 @@ class EngineSlot:
         self.state: Any = None  # the serving engine's per-stream state: a fresh one with every engine
         self.overrides: dict[str, Any] = {}  # knobs set at run time: they outlive swaps where they apply
         self._paths: dict[int, str] = {}  # id(engine) -> real path it came from (a `current` symlink moves)
+        # highest bundle version served: with a public key configured, a signed bundle of a lower version is
+        # refused as an update (TUF-style rollback protection: one signer, one version sequence, whatever the
+        # bundle_id); `ctl rollback` stays the operator's way back
+        self.max_version = 0
 
     def prepare(self, path: str, cfg: DaemonConfig) -> Engine:
         """Verify + load + knobs + warm-up; an adapter bundle goes over the serving engine's trunk."""
@@ -107,6 +112,8 @@ class EngineSlot:
                 path, mode=cfg.mode, providers=tuple(cfg.providers), threads=cfg.threads, pubkey=cfg.pubkey
             )
         try:
+            if cfg.pubkey is not None:
+                self._check_version(new, path)
             if cfg.policy:
                 new.set_knobs(**cfg.policy)
             for key, value in dict(self.overrides).items():
@@ -132,6 +139,7 @@ class EngineSlot:
         """Serve ``new``; the serving engine becomes the previous one, and the previous one is closed."""
         retired, self.previous, self.engine = self.previous, self.engine, new
         self.state = new.new_state()  # policy history belongs to the old classes/contexts
+        self.max_version = max(self.max_version, _version(new))
         if retired is not None and retired is not new:
             self._paths.pop(id(retired), None)
             retired.close()
@@ -157,9 +165,25 @@ class EngineSlot:
             if engine is not None:
                 engine.close()
 
+    def _check_version(self, new: Engine, path: str) -> None:
+        version = _version(new)
+        if version < self.max_version:
+            raise BundleError(
+                f"{Path(path) / 'manifest.json'}: {new.bundle_id}: version {version} is older than version "
+                f"{self.max_version} already served: an older signed bundle is refused as an update (rollback "
+                f"protection); use 'ctl rollback' to go back on purpose, or re-export it with --version "
+                f"{self.max_version + 1} or above and sign it"
+            )
+
     def _changed(self, what: str) -> dict[str, Any]:
         assert self.engine is not None
         previous = self.previous.bundle_id if self.previous is not None else None
         if previous is not None:
             log.info("%s %s (previous %s)", what, self.engine.bundle_id, previous)
         return {"bundle": self.engine.bundle_id, "previous": previous}
+
+
+def _version(engine: Engine) -> int:
+    """The version in ``engine.bundle_id`` = "<bundle_id>@<version>"."""
+    version = engine.bundle_id.rpartition("@")[2]
+    return int(version) if version.isdigit() else 0

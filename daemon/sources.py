@@ -26,7 +26,8 @@ from polymorphd.models.core.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-SourceState = Literal["starting", "live", "reconnecting", "ended", "stopped"]
+# "stalled": live, but no frame for stall_s (a stream that hangs without closing); reported, not a thread state
+SourceState = Literal["starting", "live", "stalled", "reconnecting", "ended", "stopped"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ Opener = Callable[[str, bool], Capture]  # (uri, loop) -> open capture; raises O
 class CvCapture:
     """cv2.VideoCapture for V4L2, files, network streams and GStreamer pipelines."""
 
-    def __init__(self, uri: str, loop: bool = False) -> None:
+    def __init__(self, uri: str, loop: bool = False, read_timeout_s: float | None = None) -> None:
         import cv2
 
         kind = source_kind(uri)
@@ -72,7 +73,10 @@ class CvCapture:
         elif kind == "gst":
             self._cap = cv2.VideoCapture(uri[4:].strip(), cv2.CAP_GSTREAMER)
         elif kind == "stream":
-            self._cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG)
+            # a stream that hangs without closing fails the read after the timeout, so it is reopened
+            ms = int((read_timeout_s or 30.0) * 1000)
+            params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, ms, cv2.CAP_PROP_READ_TIMEOUT_MSEC, ms]
+            self._cap = cv2.VideoCapture(uri, cv2.CAP_FFMPEG, params)
         else:
             self._cap = cv2.VideoCapture(uri)
         if not self._cap.isOpened():
@@ -85,9 +89,7 @@ class CvCapture:
         ok, img = self._cap.read()
         if not ok and self._loop and self._cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
             ok, img = self._cap.read()
-        if ok and img is not None and img.ndim == 2:
-            img = cv2.cvtColor(img, cv2.COLOR_GRAY2BGR)
-        return ok, img, None
+        return ok, img, None  # grey frames are converted by as_bgr, for every source
 
     def release(self) -> None:
         self._cap.release()
@@ -128,11 +130,34 @@ def _synth_config(uri: str) -> tuple[Any, int]:
     return SynthConfig(**kwargs), int(args.get("stream_seed", 0))
 
 
-def open_capture(uri: str, loop: bool = False) -> Capture:
+def open_capture(uri: str, loop: bool = False, read_timeout_s: float | None = None) -> Capture:
     """The default opener: a synthetic stream or an OpenCV capture."""
     if uri.startswith("synthetic:"):
         return SynthCapture(uri)
-    return CvCapture(uri, loop)
+    return CvCapture(uri, loop, read_timeout_s)
+
+
+def as_bgr(img: object) -> np.ndarray:
+    """A camera's frame as (H, W, 3) uint8 BGR: grey (H, W) / (H, W, 1) and BGRA are converted; anything else
+    (another dtype, rank or channel count, an empty image) raises ValueError saying what arrived."""
+    if not isinstance(img, np.ndarray):
+        raise ValueError(f"frame is a {type(img).__name__}, not an image array")
+    if img.dtype != np.uint8:
+        raise ValueError(f"frame has dtype {img.dtype}, expected uint8")
+    if img.ndim == 3 and img.shape[2] in (1, 3, 4):
+        channels = img.shape[2]
+    elif img.ndim == 2:
+        channels = 1
+    else:
+        raise ValueError(f"frame has shape {img.shape}, expected (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)")
+    if img.shape[0] < 2 or img.shape[1] < 2:
+        raise ValueError(f"frame has shape {img.shape}: too small to be an image")
+    if channels == 3:
+        return img
+    import cv2
+
+    code = cv2.COLOR_GRAY2BGR if channels == 1 else cv2.COLOR_BGRA2BGR
+    return cv2.cvtColor(img if img.ndim == 2 or channels == 4 else img[:, :, 0], code)
 
 
 def preflight(uri: str) -> None:
@@ -167,7 +192,8 @@ class FrameSource:
         loop: bool = False,
         drop_policy: Literal["drop-oldest", "block"] = "drop-oldest",
         reconnect_initial_s: float = 0.5,
-        reconnect_max_s: float = 10.0,
+        reconnect_max_s: float = 1.0,
+        stall_s: float = 5.0,
         opener: Opener | None = None,
     ) -> None:
         self.uri = uri
@@ -175,14 +201,17 @@ class FrameSource:
         self._loop = loop
         self._block = drop_policy == "block"
         self._backoff0, self._backoff_max = reconnect_initial_s, reconnect_max_s
-        self._opener = opener or open_capture
+        self._stall_s = stall_s
+        self._opener: Opener = opener or (lambda uri, loop: open_capture(uri, loop, stall_s))
+        self._preflight = opener is None
         self._cond = threading.Condition()
         self._slot: Frame | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.state: SourceState = "starting"
-        self._frames = self._dropped = self._dropped_unreported = self._reconnects = 0
+        self._frames = self._dropped = self._dropped_unreported = self._reconnects = self._bad = 0
         self._last_error: str | None = None
+        self._last_frame = time.monotonic()  # of the last good frame (or of start), for "stalled"
         self._times: deque[float] = deque(maxlen=32)
 
     @classmethod
@@ -194,11 +223,12 @@ class FrameSource:
             drop_policy=cfg.drop_policy,
             reconnect_initial_s=cfg.reconnect.initial_s,
             reconnect_max_s=cfg.reconnect.max_s,
+            stall_s=cfg.stall_s,
             opener=opener,
         )
 
     def start(self) -> None:
-        if self._opener is open_capture:
+        if self._preflight:
             preflight(self.uri)
         self._thread = threading.Thread(target=self._run, name="polymorphd-capture", daemon=True)
         self._thread.start()
@@ -234,15 +264,31 @@ class FrameSource:
     def stats(self) -> dict[str, object]:
         t = self._times
         fps = (len(t) - 1) / (t[-1] - t[0]) if len(t) > 1 and t[-1] > t[0] else 0.0
+        since = time.monotonic() - self._last_frame
+        state = self.state
+        if state == "live" and since > self._stall_s:
+            state = "stalled"  # the capture thread is inside a read that does not return
         return {
             "uri": self.uri,
-            "state": self.state,
+            "state": state,
             "frames": self._frames,
             "dropped": self._dropped,
+            "bad_frames": self._bad,
             "reconnects": self._reconnects,
             "fps": round(fps, 2),
+            "last_frame_s": round(since, 2),
             "last_error": self._last_error,
         }
+
+    def _reject(self, why: str) -> None:
+        """A frame the camera delivered but no engine could read: counted as dropped, never classified."""
+        with self._cond:
+            self._bad += 1
+            self._dropped += 1
+            self._dropped_unreported += 1
+        self._last_error = f"bad frame: {why}"
+        level = logging.WARNING if self._bad <= 5 or self._bad % 100 == 0 else logging.DEBUG
+        log.log(level, "source %s: frame rejected (%d so far): %s", self.uri, self._bad, why)
 
     def _put(self, frame: Frame, wait: bool) -> None:
         with self._cond:
@@ -309,6 +355,12 @@ class FrameSource:
                     cap = None
                     continue
                 read_ms = (time.perf_counter() - t0) * 1e3
+                try:
+                    img = as_bgr(img)
+                except ValueError as exc:
+                    self._reject(str(exc))
+                    continue
+                self._last_frame = time.monotonic()
                 if self.state != "live":
                     log.info("source %s is live", self.uri)
                 self.state = "live"

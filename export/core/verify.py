@@ -79,6 +79,10 @@ def _check_files(root: Path, m: Manifest) -> None:
         )
     for name, digest in m.files.items():
         fpath = root / name
+        if fpath.is_symlink():  # it could lead anywhere: reading it as part of a bundle would read that
+            raise BundleError(
+                f"{fpath}: a symbolic link; bundles hold plain files only: copy the bundle with its files"
+            )
         if not fpath.is_file():
             raise BundleError(
                 f"{fpath}: missing (listed in manifest.json): the bundle is incomplete; re-export it"

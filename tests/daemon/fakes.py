@@ -61,8 +61,8 @@ class FakeEngine:
         return {"frames": 0}
 
     def infer(self, frame_bgr: np.ndarray, state: dict[str, int]) -> FrameResult:
-        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3:
-            raise ValueError(f"frame shape {frame_bgr.shape}: expected (H, W, 3) uint8 BGR")
+        if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or min(frame_bgr.shape[:2]) < 4:
+            raise ValueError(f"frame shape {frame_bgr.shape}: expected (H >= 4, W >= 4, 3) uint8 BGR")
         assert not self.closed, f"{self.bundle_id} used after close()"
         t0 = time.monotonic_ns()
         if self.delay_s:
@@ -168,11 +168,22 @@ class ScriptedCapture:
             return False, None, None
         if n in o.dead:
             return False, None, None
+        if n in o.stall:
+            o.stalled.wait(30)  # a stream that hangs without closing, until the test lets it go
         if n in o.bad:
-            return True, np.zeros((8, 8), np.uint8), None  # wrong shape: the engine raises
+            return True, np.zeros((3, 3, 3), np.uint8), None  # a frame the (fake) engine raises on
+        if n in o.corrupt:
+            return (
+                True,
+                np.zeros((8, 8, 2), np.uint8),
+                None,
+            )  # no camera gives 2 channels: the source rejects it
         o.delivered += 1
-        img = np.full((12, 16, 3), (n * 37) % 256, np.uint8)
-        return True, img, (n % len(CLASSES),)
+        value = (n * 37) % 256
+        if n in o.grey:
+            return True, np.full((10, 14), value, np.uint8), (n % len(CLASSES),)
+        shape = (24, 40, 3) if n in o.resized else (12, 16, 3)
+        return True, np.full(shape, value, np.uint8), (n % len(CLASSES),)
 
     def release(self) -> None:
         self._o.releases += 1
@@ -180,11 +191,17 @@ class ScriptedCapture:
 
 @dataclass
 class FlakyOpener:
-    """Opener(uri, loop) with scripted open failures, dead reads, bad frames and an optional end."""
+    """Opener(uri, loop) with scripted open failures, dead reads, bad / corrupt / grey / resized frames, reads
+    that hang until ``stalled`` is set, and an optional end."""
 
     fail_opens: int = 0
     dead: set[int] = field(default_factory=set)
     bad: set[int] = field(default_factory=set)
+    corrupt: set[int] = field(default_factory=set)
+    grey: set[int] = field(default_factory=set)
+    resized: set[int] = field(default_factory=set)
+    stall: set[int] = field(default_factory=set)
+    stalled: threading.Event = field(default_factory=threading.Event)  # set it to end the stalls
     length: int | None = None
     opens: int = 0
     reads: int = 0
@@ -244,13 +261,15 @@ class Sub:
 
 @contextmanager
 def running(
-    cfg: DaemonConfig, backend: FakeBackend, opener: FlakyOpener | None = None, **kw: Any
+    cfg: DaemonConfig, backend: FakeBackend | None, opener: FlakyOpener | None = None, **kw: Any
 ) -> Iterator[Daemon]:
-    """A started daemon with its frame loop on a thread; stopped (and checked) on exit."""
+    """A started daemon with its frame loop on a thread; stopped (and checked) on exit.
+
+    ``backend`` None: the real engine (ONNX Runtime) on real bundles."""
     d = Daemon(
         cfg,
-        engine_factory=backend.load,
-        adapter_check=backend.is_adapter,
+        engine_factory=backend.load if backend else None,
+        adapter_check=backend.is_adapter if backend else None,
         opener=opener or FlakyOpener(),
         meter=kw.pop("meter", Meter()),
         **kw,
