@@ -216,6 +216,32 @@ class FlakyOpener:
         return ScriptedCapture(self)
 
 
+class Unpluggable:
+    """An opener whose camera can be pulled out and put back: while out, opens fail and reads return nothing."""
+
+    def __init__(self) -> None:
+        self.present = threading.Event()
+        self.present.set()
+        self.opens: list[float] = []
+
+    finite = False
+
+    def __call__(self, uri: str, loop: bool = False) -> Unpluggable:
+        self.opens.append(time.monotonic())
+        if not self.present.is_set():
+            raise OSError(f"{uri}: No such device")
+        return self
+
+    def read(self):
+        if not self.present.is_set():
+            return False, None, None
+        time.sleep(0.005)
+        return True, np.full((12, 16, 3), 128, np.uint8), (0,)
+
+    def release(self) -> None:
+        pass
+
+
 def config(tmp_path: Path, bundle: Path, **fields: Any) -> DaemonConfig:
     base = {
         "bundle": str(bundle),
