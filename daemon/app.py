@@ -212,12 +212,9 @@ class Daemon:
         return self.frame_stats.errors
 
     def _start_auth(self, cfg: DaemonConfig) -> None:
-        import zmq.auth
-        from zmq.auth.thread import ThreadAuthenticator
+        from polymorphd.daemon.auth import ClientAuth
 
-        self._auth = ThreadAuthenticator(self.ctx)
-        self._auth.start()
-        self._auth.configure_curve(domain="*", location=cfg.curve.clients_dir or zmq.auth.CURVE_ALLOW_ANY)
+        self._auth = ClientAuth(self.ctx, cfg.curve)
 
     # ---- frame loop ------------------------------------------------------------------------------------------
     def _tick(self) -> None:
@@ -337,6 +334,8 @@ class Daemon:
             if "log_level" in changed:
                 logging.getLogger("polymorphd").setLevel(merged.log_level)
             reply["applied"] = [f for f in changed if f in _LIVE_FIELDS]
+            if self._auth is not None:  # client keys added to or removed from clients_dir: key rotation
+                reply["curve_clients"] = self._auth.reload()
             return reply
         finally:
             self.notifier.ready(self._sd_status())

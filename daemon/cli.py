@@ -21,7 +21,7 @@ HANDLERS = {
     "pretrain": "polymorphd.models.train.pretrain:cli_pretrain",
     "train": "polymorphd.models.train.train:cli_train",
     "export": "polymorphd.export.bundle:cli_export",
-    "keygen": "polymorphd.export.core.signing:cli_keygen",
+    "keygen": "polymorphd.daemon.auth:cli_keygen",  # Ed25519 (export.core.signing) unless --curve
     "bundle verify": "polymorphd.export.core.verify:cli_verify",
     "eval": "polymorphd.daemon.tools.evaluate:cli_eval",
     "bench": "polymorphd.daemon.tools.bench:cli_bench",
@@ -117,8 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--version", type=int, default=None, help="bundle version (default: 1, or base + 1)")
 
-    k = sub.add_parser("keygen", help="create an Ed25519 key pair for bundle signing")
+    k = sub.add_parser("keygen", help="create an Ed25519 key pair for bundle signing (or --curve keys)")
     k.add_argument("--out", required=True, help="private key path; the public key goes to OUT.pub")
+    k.add_argument(
+        "--curve",
+        action="store_true",
+        help="a ZeroMQ CURVE pair instead: OUT.key (public) and OUT.key_secret (secret), zmq.auth certificates",
+    )
 
     b = sub.add_parser("bundle", help="bundle tools").add_subparsers(dest="bundle_command", required=True)
     v = b.add_parser("verify", help="check a bundle's schema, hashes, signature and graphs")

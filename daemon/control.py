@@ -206,8 +206,13 @@ def request(
     try:
         if server_key:
             curve_client(sock, server_key, client_key)
+        # a server that refuses our CURVE key leaves no peer to send to: sending would block for ever
+        sock.sndtimeo = int(timeout_s * 1000)
         sock.connect(client_address(endpoint))
-        sock.send(json.dumps(req).encode())
+        try:
+            sock.send(json.dumps(req).encode())
+        except zmq.Again:
+            return None
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             return None
         return json.loads(sock.recv())
