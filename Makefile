@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint venv clean bench
+.PHONY: demo test lint venv clean bench soak
 
 # torch is installed first with an exact pin: a loose requirement can pull a multi-GB CUDA build.
 $(STAMP): pyproject.toml
@@ -30,6 +30,11 @@ test: $(STAMP) lint
 # The modes side by side on a real bundle is `polymorphd bench` (bench/README.md).
 bench: $(STAMP)
 	$(VENV)/bin/pytest -q bench --benchmark-only --benchmark-columns=min,median,mean,iqr,ops,rounds
+
+# Reliability soak (docs/RELIABILITY.md): 100,000 frames at full speed with hot swaps and rollbacks; not part of
+# `make test`. Exports its tiny bundles into ~/.cache/polymorphd/bench-bundles the first time (train extra).
+soak: $(STAMP)
+	$(PY) bench/soak.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache
