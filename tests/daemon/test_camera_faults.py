@@ -5,7 +5,9 @@ them; bench/recovery.py measures the time to resume on a real engine.
 
 from __future__ import annotations
 
+import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 
@@ -121,3 +123,54 @@ def test_corrupt_wrong_size_and_grey_frames(tmp_path):
         0,
         1,
     ]  # reported with the next label
+
+
+def test_a_network_stream_that_stalls_is_reopened_after_stall_s():
+    """A real MJPEG-over-HTTP stream that stops sending but keeps the connection open: OpenCV's read timeout
+    (stall_s) fails the read, the source reopens, and frames flow again from the new connection."""
+    import cv2
+
+    from polymorphd.daemon.sources import FrameSource
+
+    jpg = cv2.imencode(".jpg", np.full((48, 64, 3), 100, np.uint8))[1].tobytes()
+    connections = []
+
+    class Stalling(BaseHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            connections.append(time.monotonic())
+            self.send_response(200)
+            self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=f")
+            self.end_headers()
+            for _ in range(10):
+                part = b"--f\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(jpg)
+                self.wfile.write(part + jpg + b"\r\n")
+                self.wfile.flush()
+                time.sleep(0.01)
+            time.sleep(5)  # stalls, connection open
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Stalling)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    src = FrameSource(
+        f"http://127.0.0.1:{server.server_address[1]}/cam.mjpg",
+        stall_s=0.5,
+        reconnect_initial_s=0.05,
+        reconnect_max_s=0.1,
+    )
+    src.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(connections) < 2 and time.monotonic() < deadline:
+            src.get(0.1)
+        assert len(connections) >= 2, src.stats()
+        assert src.get(5.0) is not None  # frames from the new connection
+        stats = src.stats()
+    finally:
+        src.stop(2.0)
+        server.shutdown()
+        server.server_close()
+    assert stats["reconnects"] >= 1 and stats["last_error"] == "no frame (source failed or ended)"
+    assert 0.5 <= connections[1] - connections[0] < 3.0  # 10 frames, the 0.5 s timeout, the backoff
