@@ -37,6 +37,9 @@ def _phase(
     poller.register(meas, zmq.POLLIN)
     for r in readers:
         poller.register(r, zmq.POLLIN)
+    for sock in (meas, *readers):  # what queued before this phase is not this phase's
+        while sock.poll(0):
+            sock.recv_multipart()
     stats0 = daemon.request({"cmd": "stats"}) or {}
     pub_lat, e2e_lat, seqs, read_by_others = [], [], [], 0
     mem_hwm, rss = 0, []
