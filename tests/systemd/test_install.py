@@ -297,6 +297,19 @@ def test_helper_reinstalling_the_same_version_reverifies_the_stored_copy(store, 
     assert proc.returncode == 1 and "stored copy" in proc.stderr and "remove it" in proc.stderr
 
 
+def test_helper_with_a_key_never_moves_current_to_an_older_version(store, tmp_path) -> None:
+    key = tmp_path / "bundle.key.pub"
+    key.write_text("stand-in: the fake verifier accepts any key")
+    assert helper(store, "--pubkey", key, make_bundle(tmp_path / "b2", "tiny", 2)).returncode == 0
+    older = make_bundle(tmp_path / "b1", "tiny", 1)
+    proc = helper(store, "--pubkey", key, older)
+    assert proc.returncode == 1 and "version 1 is older than current's 2" in proc.stderr
+    assert os.readlink(store / "current") == "tiny-v2"
+    assert helper(store, "--pubkey", key, "--allow-older", older).returncode == 0  # an intended rollback
+    assert os.readlink(store / "current") == "tiny-v1"
+    assert helper(store, make_bundle(tmp_path / "b0", "tiny", 0)).returncode == 0  # no key: no version rule
+
+
 @pytest.mark.parametrize(
     ("setup", "message"),
     [
