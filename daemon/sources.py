@@ -203,7 +203,7 @@ class FrameSource:
         self._backoff0, self._backoff_max = reconnect_initial_s, reconnect_max_s
         self._stall_s = stall_s
         self._opener: Opener = opener or (lambda uri, loop: open_capture(uri, loop, stall_s))
-        self._preflight = opener is None
+        self._preflight = opener is None or opener is open_capture
         self._cond = threading.Condition()
         self._slot: Frame | None = None
         self._stop = threading.Event()
