@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from polymorphd.models.core.calibrate import calibrate_exit, centre, decision_thresholds, logit_offsets
 from polymorphd.models.core.countrule import calibrate_count, count_decides, count_mae
 from polymorphd.models.core.exitrule import exit_decides
-from polymorphd.models.core.melspec import MelConfig
+from polymorphd.models.core.melspec import LOG_FLOOR, MelConfig
 from polymorphd.models.core.metrics import mean_average_precision
 from polymorphd.models.nn.audio import AudioVisualExit, CountHead
 from polymorphd.models.nn.vit import VisionTransformer
@@ -48,6 +48,9 @@ log = logging.getLogger(__name__)
 
 COUNT_WEIGHT = 0.5  # L1 count loss beside the copycat label loss (both about 0.1-1 at the start)
 COUNT_TOLERANCE = 0.05  # objects: what a count exit may add to the final's MAE on the frames it answers
+SILENCED = (
+    "|silenced"  # predict's name suffix for an audiovisual exit fed silence (a diagnostic, not a variant)
+)
 
 
 @torch.no_grad()
@@ -139,6 +142,12 @@ def predict(
     for name, m in exits.items():
         z, c = m.forward_all(cache["tokens"][m.cfg.after_block], mel if m.audio else None)
         out[name] = (torch.sigmoid(z).numpy().astype(np.float64), c.numpy())
+        if (
+            m.audio is not None and mel is not None
+        ):  # the same exit hearing silence: how much it leans on audio
+            quiet = torch.full_like(mel, math.log(LOG_FLOOR))
+            z, c = m.forward_all(cache["tokens"][m.cfg.after_block], quiet)
+            out[f"{name}{SILENCED}"] = (torch.sigmoid(z).numpy().astype(np.float64), c.numpy())
     return out
 
 
@@ -186,7 +195,8 @@ def measure(
             "count_mae": jsonable(count_mae(cr, report.counts)),
         }  # fmt: skip
     for kind in ("visual", "audiovisual"):
-        names = sorted((k for k in decided if k.startswith(f"{kind}@")), key=lambda k: int(k.split("@")[1]))
+        names = [k for k in decided if k.startswith(f"{kind}@") and SILENCED not in k]
+        names.sort(key=lambda k: int(k.split("@")[1]))
         left = np.ones(len(report.Y), dtype=bool)
         shares, depth = {}, np.full(len(report.Y), float(p.depth))
         for name in names:
