@@ -30,7 +30,9 @@ from polymorphd.models.train.presets import get_preset
 from polymorphd.models.train.train import load_data
 
 
-def one_seed(run: Path, data, seed: int, views: int, epochs: int | None, mel: MelConfig) -> dict:
+def one_seed(
+    run: Path, data, seed: int, views: int, epochs: int | None, mel: MelConfig, copycat: bool = True
+) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     preset = get_preset(cfg["preset"])
     if epochs:
@@ -39,7 +41,7 @@ def one_seed(run: Path, data, seed: int, views: int, epochs: int | None, mel: Me
     vit.load_state_dict(torch.load(run / "backbone.pt", map_location="cpu", weights_only=True))
     ctx = Ctx(InputSpec(preset.img_size), preset, DistEnv(), seed, False)
     t0 = time.perf_counter()
-    exits, final = avexits.train(vit, data.train, ctx, mel, views)
+    exits, final = avexits.train(vit, data.train, ctx, mel, views, audio_probe=True, copycat=copycat)
     res = avexits.measure(
         data.calib,
         data.report,
@@ -87,6 +89,9 @@ def main() -> None:
     )
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's exit epochs")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--labels-only", action="store_true", help="train on labels alone (no copycat), an ablation"
+    )
     ap.add_argument("--out", default=None, help="write the per-seed results and the summary as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,7 +110,7 @@ def main() -> None:
     data = load_data(args.data, size, audio=mel)
     results = []
     for seed, run in enumerate(args.runs, start=args.first_seed):
-        results.append(one_seed(Path(run), data, seed, args.views, args.epochs, mel))
+        results.append(one_seed(Path(run), data, seed, args.views, args.epochs, mel, not args.labels_only))
         print(f"seed {seed} ({run}): {results[-1]['seconds']:.0f} s", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"seeds": results, "mel": mel.to_dict()}, indent=1))

@@ -48,9 +48,8 @@ log = logging.getLogger(__name__)
 
 COUNT_WEIGHT = 0.5  # L1 count loss beside the copycat label loss (both about 0.1-1 at the start)
 COUNT_TOLERANCE = 0.05  # objects: what a count exit may add to the final's MAE on the frames it answers
-SILENCED = (
-    "|silenced"  # predict's name suffix for an audiovisual exit fed silence (a diagnostic, not a variant)
-)
+AUDIO_ONLY = "audioonly"  # the audio-only probe's name prefix (a diagnostic)
+SILENCED = "|silenced"  # predict's suffix for an audiovisual exit fed silence (a diagnostic)
 
 
 @torch.no_grad()
@@ -86,11 +85,24 @@ def features(
     }
 
 
+def _seen(name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """What an exit sees of the trunk: nothing for the audio-only probe."""
+    return torch.zeros_like(tokens) if name.startswith(AUDIO_ONLY) else tokens
+
+
 def train(
-    vit: VisionTransformer, data: SplitData, ctx: Ctx, mel: MelConfig, views: int
+    vit: VisionTransformer,
+    data: SplitData,
+    ctx: Ctx,
+    mel: MelConfig,
+    views: int,
+    audio_probe: bool = False,
+    copycat: bool = True,
 ) -> tuple[dict[str, AudioVisualExit], CountHead]:
     """Visual and audiovisual exits (each with a count head) at every preset exit position, and the final
-    count head, trained together on one cache: names ``visual@B`` / ``audiovisual@B``."""
+    count head, trained together on one cache: names ``visual@B`` / ``audiovisual@B``; with ``audio_probe``
+    also ``audioonly@B`` (first position) that sees the audio and no trunk tokens. ``copycat=False`` trains on
+    the labels alone (the teacher cannot hear: an ablation of what distillation does to the audio)."""
     if data.mel is None or data.counts is None:
         raise ValueError(
             "audiovisual exits need the split's log-mel windows and counts (load_data(audio=...))"
@@ -110,17 +122,19 @@ def train(
         for b in positions
         for kind in ("visual", "audiovisual")
     }
+    if audio_probe:  # the exit's layer over audio tokens alone (visual tokens zeroed): what the audio carries
+        exits[f"{AUDIO_ONLY}@{positions[0]}"] = AudioVisualExit(vit.cfg, cfgs[positions[0]], mel)
     final = CountHead(vit.cfg.embed_dim)
     modules = torch.nn.ModuleDict({k.replace("@", "_"): m for k, m in exits.items()} | {"final": final})
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         y, t, c = Y[idx], T[idx], C[idx]
         loss = F.l1_loss(final(cache["final"][idx]), c)
-        for _name, m in exits.items():
+        for name, m in exits.items():
             logits, count = m.forward_all(
-                cache["tokens"][m.cfg.after_block][idx], M[idx] if m.audio else None
+                _seen(name, cache["tokens"][m.cfg.after_block][idx]), M[idx] if m.audio else None
             )
-            loss = loss + exit_loss(logits, y, t, p) + COUNT_WEIGHT * F.l1_loss(count, c)
+            loss = loss + exit_loss(logits, y, t if copycat else None, p) + COUNT_WEIGHT * F.l1_loss(count, c)
         return loss / (len(exits) + 1)
 
     fit(list(modules.named_parameters()), len(Y), step, p.exits, ctx, "av exits")
@@ -140,13 +154,12 @@ def predict(
         "final": (cache["teacher"].numpy().astype(np.float64), final(cache["final"]).numpy())
     }
     for name, m in exits.items():
-        z, c = m.forward_all(cache["tokens"][m.cfg.after_block], mel if m.audio else None)
+        z, c = m.forward_all(_seen(name, cache["tokens"][m.cfg.after_block]), mel if m.audio else None)
         out[name] = (torch.sigmoid(z).numpy().astype(np.float64), c.numpy())
-        if (
-            m.audio is not None and mel is not None
-        ):  # the same exit hearing silence: how much it leans on audio
+        # the same exit hearing silence: how much it leans on audio
+        if m.audio is not None and mel is not None and not name.startswith(AUDIO_ONLY):
             quiet = torch.full_like(mel, math.log(LOG_FLOOR))
-            z, c = m.forward_all(cache["tokens"][m.cfg.after_block], quiet)
+            z, c = m.forward_all(_seen(name, cache["tokens"][m.cfg.after_block]), quiet)
             out[f"{name}{SILENCED}"] = (torch.sigmoid(z).numpy().astype(np.float64), c.numpy())
     return out
 
