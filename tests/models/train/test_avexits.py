@@ -21,15 +21,15 @@ from polymorphd.models.train.presets import get_preset  # noqa: E402
 from polymorphd.models.train.train import load_data  # noqa: E402
 
 DATA = SynthConfig(
-    num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=12, hubs=1, hub_contexts=2,
-    scene_length=(6, 12),
+    num_classes=8, num_contexts=2, width=32, height=32, frames_per_video=8, hubs=1, hub_contexts=2,
+    scene_length=(4, 8),
 )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = write_dataset(
-        tmp_path_factory.mktemp("av") / "d", DATA, (3, 2, 1), progress=False, audio=AudioConfig()
+        tmp_path_factory.mktemp("av") / "d", DATA, (2, 2, 1), progress=False, audio=AudioConfig()
     )
     return load_data(root, 32, audio=MelConfig())
 
