@@ -31,7 +31,14 @@ from polymorphd.models.train.train import load_data
 
 
 def one_seed(
-    run: Path, data, seed: int, views: int, epochs: int | None, mel: MelConfig, copycat: bool = True
+    run: Path,
+    data,
+    seed: int,
+    views: int,
+    epochs: int | None,
+    mel: MelConfig,
+    copycat: bool = True,
+    visual_dropout: float = 0.0,
 ) -> dict:
     cfg = json.loads((run / "config.json").read_text())
     preset = get_preset(cfg["preset"])
@@ -41,7 +48,9 @@ def one_seed(
     vit.load_state_dict(torch.load(run / "backbone.pt", map_location="cpu", weights_only=True))
     ctx = Ctx(InputSpec(preset.img_size), preset, DistEnv(), seed, False)
     t0 = time.perf_counter()
-    exits, final = avexits.train(vit, data.train, ctx, mel, views, audio_probe=True, copycat=copycat)
+    exits, final = avexits.train(
+        vit, data.train, ctx, mel, views, audio_probe=True, copycat=copycat, visual_dropout=visual_dropout
+    )
     res = avexits.measure(
         data.calib,
         data.report,
@@ -90,6 +99,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=None, help="default: the preset's exit epochs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument(
+        "--visual-dropout",
+        type=float,
+        default=0.0,
+        help="share of training samples whose audiovisual exits see no trunk tokens (modality dropout)",
+    )
+    ap.add_argument(
         "--labels-only", action="store_true", help="train on labels alone (no copycat), an ablation"
     )
     ap.add_argument("--out", default=None, help="write the per-seed results and the summary as JSON")
@@ -110,7 +125,11 @@ def main() -> None:
     data = load_data(args.data, size, audio=mel)
     results = []
     for seed, run in enumerate(args.runs, start=args.first_seed):
-        results.append(one_seed(Path(run), data, seed, args.views, args.epochs, mel, not args.labels_only))
+        results.append(
+            one_seed(
+                Path(run), data, seed, args.views, args.epochs, mel, not args.labels_only, args.visual_dropout
+            )
+        )
         print(f"seed {seed} ({run}): {results[-1]['seconds']:.0f} s", flush=True)
         if args.out:
             Path(args.out).write_text(json.dumps({"seeds": results, "mel": mel.to_dict()}, indent=1))

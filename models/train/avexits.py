@@ -98,11 +98,14 @@ def train(
     views: int,
     audio_probe: bool = False,
     copycat: bool = True,
+    visual_dropout: float = 0.0,
 ) -> tuple[dict[str, AudioVisualExit], CountHead]:
     """Visual and audiovisual exits (each with a count head) at every preset exit position, and the final
     count head, trained together on one cache: names ``visual@B`` / ``audiovisual@B``; with ``audio_probe``
     also ``audioonly@B`` (first position) that sees the audio and no trunk tokens. ``copycat=False`` trains on
-    the labels alone (the teacher cannot hear: an ablation of what distillation does to the audio)."""
+    the labels alone (the teacher cannot hear: an ablation of what distillation does to the audio).
+    ``visual_dropout`` zeroes an audiovisual exit's trunk tokens for that share of its training samples, so
+    its layer must learn to answer from the audio (modality dropout; an experiment)."""
     if data.mel is None or data.counts is None:
         raise ValueError(
             "audiovisual exits need the split's log-mel windows and counts (load_data(audio=...))"
@@ -127,13 +130,17 @@ def train(
     final = CountHead(vit.cfg.embed_dim)
     modules = torch.nn.ModuleDict({k.replace("@", "_"): m for k, m in exits.items()} | {"final": final})
 
+    drop = torch.Generator().manual_seed(ctx.seed * 7919 + 41)
+
     def step(idx: torch.Tensor) -> torch.Tensor:
         y, t, c = Y[idx], T[idx], C[idx]
         loss = F.l1_loss(final(cache["final"][idx]), c)
         for name, m in exits.items():
-            logits, count = m.forward_all(
-                _seen(name, cache["tokens"][m.cfg.after_block][idx]), M[idx] if m.audio else None
-            )
+            seen = _seen(name, cache["tokens"][m.cfg.after_block][idx])
+            if visual_dropout and name.startswith("audiovisual"):
+                keep = (torch.rand(len(idx), 1, 1, generator=drop) >= visual_dropout).to(seen.dtype)
+                seen = seen * keep
+            logits, count = m.forward_all(seen, M[idx] if m.audio else None)
             loss = loss + exit_loss(logits, y, t if copycat else None, p) + COUNT_WEIGHT * F.l1_loss(count, c)
         return loss / (len(exits) + 1)
 
