@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="class sources in class order (default: fmnist digit glyph; proc: the pretraining corpus's objects)",
     )
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--audio",
+        action="store_true",
+        help="also write one WAV per video beside its frames (class sounds, silence, distractors, off-screen)",
+    )
 
     pt = sub.add_parser(
         "pretrain", help="pretrain a backbone on a synthetic corpus disjoint from the default classes"

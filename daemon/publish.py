@@ -24,6 +24,10 @@ from polymorphd.models.core.errors import ConfigError
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+# v 2 = v 1 plus "count" (objects in the frame, from a bundle's count heads). Sent only by bundles with a count
+# head, so a stream without one is v 1 byte for byte; every v 1 field keeps its meaning, so v 1 readers that
+# ignore unknown keys (DESIGN.md) keep working on v 2 (docs/bundle.md, "Label stream versions").
+COUNT_SCHEMA_VERSION = 2
 PayloadFormat = Literal["json", "msgpack"]
 
 
@@ -59,8 +63,11 @@ def label_payload(
     dropped: int,
     include_scores: bool = False,
     truth: Sequence[int] | None = None,
+    count: float | None = None,
 ) -> dict[str, Any]:
-    """A label message body without seq/pub_ts (the publisher stamps those at send time)."""
+    """A label message body without seq/pub_ts (the publisher stamps those at send time).
+
+    ``count`` (a count head's objects in the frame) makes it a v 2 message with ``"count"``; None: v 1."""
     probs = np.asarray(probs, dtype=np.float64)
     chosen = sorted((int(i) for i in labels), key=lambda i: -probs[i])
     body: dict[str, Any] = {
@@ -80,6 +87,9 @@ def label_payload(
         body["scores"] = [round(float(p), 4) for p in probs]
     if truth is not None:
         body["truth"] = [int(t) for t in truth]
+    if count is not None:
+        body["v"] = COUNT_SCHEMA_VERSION
+        body["count"] = round(max(0.0, float(count)), 3)
     return body
 
 

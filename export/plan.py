@@ -17,8 +17,11 @@ from torch import nn
 
 from polymorphd.models.core.errors import ConfigError
 from polymorphd.models.core.lora_targets import TARGETS
-from polymorphd.models.nn.graphs import Probs, Segment, Tail, TailLora, TailWeights
+from polymorphd.models.core.melspec import MelConfig
+from polymorphd.models.nn.audio import AudioVisualExit, CountHead, MelFrontEnd
+from polymorphd.models.nn.graphs import AudioExit, Probs, Segment, Tail, TailCount, TailLora, TailWeights
 from polymorphd.models.nn.lora import ContextAdapter, LoraName, tail_start
+from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train.run import Run
 
 Inputs = dict[str, torch.Tensor]
@@ -172,6 +175,41 @@ def plan_graphs(run: Run) -> list[GraphSpec]:
             weights_make,
         )
     )
+    return specs
+
+
+def audio_graphs(
+    vit: VisionTransformer, exits: list[AudioVisualExit], count: CountHead, start: int, mel: MelConfig
+) -> list[GraphSpec]:
+    """The audiovisual graphs: ``mel`` (audio window -> log-mel), ``exit_i`` (tokens, mel -> probs, count) and
+    ``tail_count`` (tokens -> probs, count: the generalist tail with the final block's count head)."""
+    cfg = vit.cfg
+    batch = {0: "B"}
+
+    def tokens(b: int, g: torch.Generator) -> torch.Tensor:
+        return torch.randn(b, cfg.num_tokens, cfg.embed_dim, generator=g)
+
+    def exit_inputs(b: int, g: torch.Generator) -> Inputs:
+        # log-mel values of real audio lie in about [-14, 6]
+        return {"tokens": tokens(b, g), "mel": torch.randn(b, mel.n_mels, mel.frames, generator=g) * 4 - 4}
+
+    specs = [
+        GraphSpec(
+            "mel", MelFrontEnd(mel), ("audio",), ("mel",), {"audio": batch},
+            lambda b, g: {"audio": (torch.rand(b, mel.samples, generator=g) - 0.5) * 0.5},
+        ),
+    ]  # fmt: skip
+    specs += [
+        GraphSpec(f"exit_{i}", AudioExit(ex), ("tokens", "mel"), ("probs", "count"), {"tokens": batch, "mel": batch},
+                  exit_inputs)
+        for i, ex in enumerate(exits)
+    ]  # fmt: skip
+    specs.append(
+        GraphSpec(
+            "tail_count", TailCount(vit, start, count), ("tokens",), ("probs", "count"), {"tokens": batch},
+            lambda b, g: {"tokens": tokens(b, g)},
+        )
+    )  # fmt: skip
     return specs
 
 

@@ -24,6 +24,8 @@ import numpy as np
 
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.data import backgrounds, sprites, tao
+from polymorphd.models.data.audio import write_wav
+from polymorphd.models.data.soundscape import AudioConfig, render_soundscape
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ DEFAULT_VIDEOS = (144, 12, 12)
 HALO = 0.6  # how much the dark outline under each object darkens the background: contrast on any scene
 JPEG_QUALITY = 95
 BACKGROUND_STREAM = 7919  # separates the background pool's seeds from the videos' seeds
+AUDIO_STREAM = 0xA0D1  # the audio track's own random stream: frames are the same with or without --audio
 
 
 @dataclass(frozen=True)
@@ -348,12 +351,15 @@ def write_dataset(
     annotate_every: int = 1,
     *,
     progress: bool = True,
+    audio: AudioConfig | None = None,
 ) -> Path:
     """Write DIR/annotations/{train,validation,test}.json and DIR/frames/<split>/<video>/<frame:06d>.jpg.
 
     TAO-like: sparse category ids, a shuffled ``images`` list, only every
     ``annotate_every``-th frame annotated (every frame is written), one track
     per object instance, bbox [x, y, w, h]. A split with 0 videos is not written.
+    With ``audio``, also DIR/frames/<split>/<video>.wav beside each video's frames, referenced from its
+    ``videos`` entry (``fps`` and ``audio``: models/data/audio.py); the frames are the same as without.
     """
     from tqdm import tqdm
 
@@ -374,6 +380,8 @@ def write_dataset(
         "annotate_every": annotate_every,
         "contexts": [[cids[k] for k in g] for g in groups],
     }
+    if audio is not None:
+        info["audio"] = audio.to_dict()
     next_image = next_ann = next_track = 1
     video_seed = 0
     bar = tqdm(total=sum(counts) * cfg.frames_per_video, desc="synth", unit="frame", disable=not progress)
@@ -384,11 +392,12 @@ def write_dataset(
         for _ in range(count):
             vid, name = video_seed + 1, f"{split}/synth_{video_seed:05d}"
             (out / "frames" / name).mkdir(parents=True)
-            vids.append(
-                {"id": vid, "name": name, "width": cfg.width, "height": cfg.height, "seed": video_seed}
-            )
+            entry = {"id": vid, "name": name, "width": cfg.width, "height": cfg.height, "seed": video_seed}
+            vids.append(entry)
             track_ids: dict[int, int] = {}
+            heard: list[tuple[int, list[tuple[int, int]]]] = []
             for fr in render_video(cfg, video_seed):
+                heard.append((fr.scene, [(o.track_id, o.class_index) for o in fr.objects]))
                 file_name = f"{name}/{fr.frame_index:06d}.jpg"
                 ok, buf = cv2.imencode(".jpg", fr.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
                 assert ok, "JPEG encoding of a uint8 BGR image cannot fail"
@@ -415,6 +424,12 @@ def write_dataset(
                     )  # fmt: skip
                     next_ann += 1
                 next_image += 1
+            if audio is not None:
+                rng = np.random.default_rng([cfg.seed, video_seed, AUDIO_STREAM])
+                write_wav(out / "frames" / f"{name}.wav", render_soundscape(audio, cfg.num_classes, heard, rng),
+                          audio.sample_rate)  # fmt: skip
+                entry["fps"] = audio.fps
+                entry["audio"] = {"file_name": f"{name}.wav", "sample_rate": audio.sample_rate}
             video_seed += 1
         order = np.random.default_rng([cfg.seed, split_no, 0x5A]).permutation(len(images)).tolist()
         doc = {
@@ -445,7 +460,8 @@ def cli_synth(args: argparse.Namespace) -> int:
         sources=tuple(getattr(args, "sources", None) or sprites.SOURCES),
     )  # fmt: skip
     videos = tuple(args.videos) if args.videos else DEFAULT_VIDEOS
-    out = write_dataset(args.out, cfg, videos, args.annotate_every, progress=True)
+    audio = AudioConfig() if getattr(args, "audio", False) else None
+    out = write_dataset(args.out, cfg, videos, args.annotate_every, progress=True, audio=audio)
     names, groups, cids = class_names(cfg), context_groups(cfg), category_ids(cfg)
     per_split = dataset_label_sets(out)
     stats = label_statistics(
@@ -455,6 +471,11 @@ def cli_synth(args: argparse.Namespace) -> int:
     sizes = [len(g) for g in groups]
     written = sum(videos) * cfg.frames_per_video
     print(f"wrote synthetic TAO dataset to {out}")
+    if audio is not None:
+        print(
+            f"  audio: one {audio.sample_rate} Hz WAV per video beside its frames, {audio.fps:g} frames/s "
+            f"({cfg.frames_per_video / audio.fps:g} s a video)"
+        )
     print(f"  classes: {len(names)} ({', '.join(f'{s} {n}' for s, n in per_source.items() if n)})")
     print(f"  contexts: {len(groups)} ({min(sizes)}-{max(sizes)} classes each, {cfg.hubs} hub classes)")
     print(

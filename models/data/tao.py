@@ -21,6 +21,7 @@ import cv2
 import numpy as np
 
 from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.data.audio import AudioTrack
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ class Frame:
     frame_index: int
     path: Path
     labels: frozenset[int] | None  # category ids; None = not annotated
+    count: int | None = None  # annotations (object instances) in the frame; None = not annotated
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,7 @@ class Video:
     id: int
     name: str
     frames: tuple[Frame, ...]  # ordered by frame_index
+    audio: AudioTrack | None = None  # the video's optional "audio" entry (models/data/audio.py)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class TaoSplit:
 
     def category_ids(self) -> list[int]:
         return [c.id for c in self.categories]
+
+    def audio_tracks(self) -> dict[int, AudioTrack]:
+        """Video id -> its audio track, for the videos that have one."""
+        return {v.id: v.audio for v in self.videos if v.audio is not None}
 
     def category_names(self) -> list[str]:
         return [c.name for c in self.categories]
@@ -209,11 +216,14 @@ def load_split(
         categories[c["id"]] = Category(c["id"], c["name"])
 
     videos: dict[int, str] = {}
+    audio: dict[int, AudioTrack] = {}
     for i, v in enumerate(chk.entries(data, "videos")):
         name = chk.entry(v, "videos", i, {"id": int, "name": str})
         if v["id"] in videos:
             raise chk.fail(name, f"duplicate video id {v['id']}")
         videos[v["id"]] = v["name"]
+        if "audio" in v:
+            audio[v["id"]] = _audio_track(chk, name, v, frames_dir, check_files)
 
     images: dict[int, tuple[int, int, Path]] = {}  # id -> (video_id, frame_index, path)
     slots: dict[tuple[int, int], int] = {}  # (video_id, frame_index) -> image id
@@ -237,6 +247,7 @@ def load_split(
         slots[vid, fidx] = iid
 
     labels: dict[int, set[int]] = {iid: set() for iid in images}
+    counts: dict[int, int] = dict.fromkeys(images, 0)
     for i, a in enumerate(chk.entries(data, "annotations")):
         name = chk.entry(a, "annotations", i, {"image_id": int, "category_id": int})
         if a["image_id"] not in images:
@@ -244,10 +255,11 @@ def load_split(
         if a["category_id"] not in categories:
             raise chk.fail(name, f"unknown category_id {a['category_id']} (not in 'categories')")
         labels[a["image_id"]].add(a["category_id"])
+        counts[a["image_id"]] += 1
 
     per_video: dict[int, list[Frame]] = {vid: [] for vid in videos}
     for iid, (vid, fidx, fpath) in images.items():
-        per_video[vid].append(Frame(iid, vid, fidx, fpath, frozenset(labels[iid])))
+        per_video[vid].append(Frame(iid, vid, fidx, fpath, frozenset(labels[iid]), counts[iid]))
     if include_unannotated:
         for vid, vname in videos.items():
             per_video[vid] = _with_unannotated(path, frames_dir / vname, vid, per_video[vid])
@@ -256,7 +268,7 @@ def load_split(
     for vid in sorted(videos):
         frames = sorted(per_video[vid], key=lambda f: f.frame_index)
         if frames:
-            out_videos.append(Video(vid, videos[vid], tuple(frames)))
+            out_videos.append(Video(vid, videos[vid], tuple(frames), audio.get(vid)))
         else:
             log.debug("%s: video %d (%s) has no frames; skipped", path, vid, videos[vid])
     result = TaoSplit(split, root, tuple(categories[c] for c in sorted(categories)), tuple(out_videos))
@@ -266,6 +278,29 @@ def load_split(
         len(images), len(result.categories),
     )  # fmt: skip
     return result
+
+
+def _audio_track(
+    chk: _Checker, name: str, v: dict[str, Any], frames_dir: Path, check_files: bool
+) -> AudioTrack:
+    """A video entry's optional ``"audio": {"file_name", "sample_rate"}`` with its ``"fps"``, validated."""
+    entry = v["audio"]
+    if not isinstance(entry, dict):
+        raise chk.fail(name, f"'audio' must be an object {{file_name, sample_rate}}, got {entry!r}")
+    chk.entry(entry, f"{name}.audio", 0, {"file_name": str, "sample_rate": int})
+    fps = v.get("fps")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise chk.fail(
+            name, f"a video with 'audio' needs 'fps' > 0 (ties frames to the audio clock), got {fps!r}"
+        )
+    if entry["sample_rate"] < 1:
+        raise chk.fail(name, f"audio sample_rate must be >= 1, got {entry['sample_rate']}")
+    if Path(entry["file_name"]).is_absolute():
+        raise chk.fail(name, f"audio file_name {entry['file_name']!r} must be relative to {frames_dir}")
+    path = frames_dir / entry["file_name"]
+    if check_files and not path.is_file():
+        raise chk.fail(name, f"audio file {path} does not exist")
+    return AudioTrack(path, entry["sample_rate"], float(fps))
 
 
 def _natural_key(p: Path) -> tuple[int, int, str]:

@@ -74,15 +74,18 @@ class SLViTExit(nn.Module):
         self.norm = nn.LayerNorm(cfg.width, eps=vit.ln_eps)
         self.head = nn.Linear(cfg.width, vit.num_classes)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Trunk tokens (B, N, C) -> the exit's visual tokens (B, 1 + p*p, W): class token + pooled grid."""
         b, _, c = tokens.shape
         cls, patches = tokens[:, :1], tokens[:, 1:]
         grid = patches.transpose(1, 2).reshape(b, c, self.grid, self.grid)  # (B, C, g, g)
         # the grid divides evenly in every preset, so adaptive pooling is a plain average pool (exports cleanly)
         k = self.grid // self.cfg.pool_grid
         pooled = F.avg_pool2d(grid, k, k).flatten(2).transpose(1, 2)  # (B, p*p, C)
-        x = self.proj(torch.cat([cls, pooled], dim=1)) + self.pos_embed  # (B, 1 + p*p, W)
-        x = self.norm(self.block(x))[:, 0]
+        return self.proj(torch.cat([cls, pooled], dim=1)) + self.pos_embed  # (B, 1 + p*p, W)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        x = self.norm(self.block(self.embed(tokens)))[:, 0]
         return self.head(x)
 
 

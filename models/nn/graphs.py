@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from polymorphd.models.nn.audio import AudioVisualExit, CountHead
 from polymorphd.models.nn.lora import LoraName, forward_tail
 from polymorphd.models.nn.vit import VisionTransformer
 
@@ -87,3 +88,28 @@ class TailWeights(nn.Module):
             tokens, self.start, self.vit.cfg.depth, weights=_by_block(self.names, flat)
         )
         return torch.sigmoid(self.vit.forward_head(x, lambda pooled: F.linear(pooled, flat[-2], flat[-1])))
+
+
+class AudioExit(nn.Module):
+    """``exit_i.onnx`` of an audiovisual exit with a count head: (tokens, mel) -> (probs, count)."""
+
+    def __init__(self, inner: AudioVisualExit) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens: torch.Tensor, mel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, count = self.inner.forward_all(tokens, mel)
+        assert count is not None, "AudioExit needs an exit with a count head"
+        return torch.sigmoid(logits), count
+
+
+class TailCount(nn.Module):
+    """The generalist tail with the final block's count head: tokens -> (probs, count)."""
+
+    def __init__(self, vit: VisionTransformer, start: int, count: CountHead) -> None:
+        super().__init__()
+        self.vit, self.start, self.count = vit, start, count
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.vit.forward_blocks(tokens, self.start, self.vit.cfg.depth)
+        return torch.sigmoid(self.vit.forward_head(x)), self.count(self.vit.norm(x)[:, 0])

@@ -34,6 +34,10 @@ class SplitData:
     Y: np.ndarray  # (F, K) uint8 multi-hot
     video_ids: np.ndarray  # (F,) each frame's video, frames stored video by video (exit calibration splits)
     boxes: list[np.ndarray] | None = None  # per frame (n, 5) [class column, x0, y0, x1, y1] at input size
+    counts: np.ndarray | None = None  # (F,) float32 objects (annotations) per frame
+    mel: np.ndarray | None = (
+        None  # (F, n_mels, frames) float32 log-mel of each frame's audio window, if asked
+    )
 
     @property
     def videos(self) -> int:

@@ -25,8 +25,10 @@ import torch
 
 from polymorphd.models.core.contexts import cluster_contexts, coverage
 from polymorphd.models.core.errors import ConfigError, DataError
+from polymorphd.models.core.melspec import MelConfig, log_mel
 from polymorphd.models.core.metrics import label_quality
 from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.data.audio import split_windows
 from polymorphd.models.data.tao import (
     Frame,
     TaoSplit,
@@ -96,7 +98,12 @@ def load_boxes(split: TaoSplit, frames: list[Frame], class_ids: list[int], size:
 
 
 def _split_data(
-    split: TaoSplit, class_ids: list[int], size: int, progress: bool, boxes: bool = False
+    split: TaoSplit,
+    class_ids: list[int],
+    size: int,
+    progress: bool,
+    boxes: bool = False,
+    audio: MelConfig | None = None,
 ) -> SplitData:
     frames = split.annotated_frames()
     if not frames:
@@ -113,12 +120,30 @@ def _split_data(
     Y = split.multi_hot(frames, class_ids, ignore_unknown=True)
     images = load_images(frames, size, progress=progress)
     box_list = load_boxes(split, frames, class_ids, size) if boxes else None
-    return SplitData(split.name, images, Y, np.array([f.video_id for f in frames]), box_list)
+    counts = np.array([f.count or 0 for f in frames], dtype=np.float32)
+    mel = None
+    if audio is not None:
+        tracks = split.audio_tracks()
+        if tracks and {t.sample_rate for t in tracks.values()} != {audio.sample_rate}:
+            raise DataError(
+                f"split {split.name!r}: audio is {sorted({t.sample_rate for t in tracks.values()})} Hz, the mel "
+                f"front end expects {audio.sample_rate} Hz"
+            )
+        mel = np.concatenate(
+            [
+                log_mel(split_windows(tracks, frames[i : i + 1024], audio.samples), audio)
+                for i in range(0, len(frames), 1024)
+            ]
+        )
+    return SplitData(split.name, images, Y, np.array([f.video_id for f in frames]), box_list, counts, mel)
 
 
-def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = False) -> Dataset:
+def load_data(
+    root: str | Path, size: int, *, seed: int = 0, progress: bool = False, audio: MelConfig | None = None
+) -> Dataset:
     """Train on ``train``; calibrate on ``validation`` (else held-out train videos); report on ``test``
-    (else the calibration split). Frames are read once at ``size`` x ``size``."""
+    (else the calibration split). Frames are read once at ``size`` x ``size``; with ``audio``, each frame's
+    log-mel audio window too (every video must have an audio track)."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(
@@ -142,10 +167,12 @@ def load_data(root: str | Path, size: int, *, seed: int = 0, progress: bool = Fa
         raise DataError(
             f"{root / 'annotations' / 'train.json'}: 'categories' is empty; there is nothing to learn"
         )
-    sets = {"train": _split_data(train, class_ids, size, progress, boxes=True)}
-    sets["calib"] = _split_data(calib, class_ids, size, progress)
+    sets = {"train": _split_data(train, class_ids, size, progress, boxes=True, audio=audio)}
+    sets["calib"] = _split_data(calib, class_ids, size, progress, audio=audio)
     sets["report"] = (
-        _split_data(load_split(root, "test"), class_ids, size, progress) if "test" in found else sets["calib"]
+        _split_data(load_split(root, "test"), class_ids, size, progress, audio=audio)
+        if "test" in found
+        else sets["calib"]
     )
     return Dataset(root, train.category_names(), class_ids, sets["train"], sets["calib"], sets["report"])
 

@@ -71,6 +71,13 @@ def test_load_orders_frames_and_collects_label_sets(root: Path) -> None:
     assert frames[1].path == root / "frames" / "train/YFCC/v_a/frame0000.jpg"
 
 
+def test_counts_are_annotations_per_frame_and_no_audio_without_the_field(root: Path) -> None:
+    split = tao.load_split(root, "train")
+    # image 12 has two dogs (one label, two objects); frame 20 of video 7 none
+    assert [f.count for f in split.frames()] == [2, 2, 1, 0]
+    assert all(v.audio is None for v in split.videos) and split.audio_tracks() == {}
+
+
 def test_multi_hot_uses_the_given_class_order(root: Path) -> None:
     split = tao.load_split(root, "train")
     y = split.multi_hot(split.frames(), [1201, 805, 3])
