@@ -49,6 +49,9 @@ log = logging.getLogger(__name__)
 REALSIZE_PRECISIONS = ("fp32", "int8", "fp16")
 POLY_TARGET = 0.6  # polymorph's median <= 0.6x full's at real size
 PLAIN_TARGET = 0.05  # the segmented full path within 5 % of one plain graph
+# medians of identical work (every mode at the calibrated exits, where no frame reaches the adapters) differed
+# by up to 2-3 % between points of one run on the shared 2-core machine: closer than this is a tie
+LATENCY_NOISE = 0.03
 
 
 def load_average() -> list[float] | None:
@@ -154,7 +157,12 @@ def ablations(rows: list[dict[str, Any]], runs: list[str]) -> dict[str, Any]:
 
 def targets(rows: list[dict[str, Any]], realsize: dict[str, Any]) -> dict[str, Any]:
     """The issue's targets, each met or missed with the measured ratio (computed here from the numbers)."""
-    out: dict[str, Any] = {"plots": {c: dominance(rows, c) for c in ("gflops_per_frame", "p50_ms")}}
+    out: dict[str, Any] = {
+        "plots": {
+            "gflops_per_frame": dominance(rows, "gflops_per_frame"),
+            "p50_ms": dominance(rows, "p50_ms", cost_tol=LATENCY_NOISE),
+        }
+    }
     fp32 = (realsize.get("precisions") or {}).get("fp32") or {}
     full, poly, plain = fp32.get("full"), fp32.get("polymorph"), fp32.get(replay.PLAIN)
     if full and poly:

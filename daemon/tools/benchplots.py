@@ -3,8 +3,9 @@
 Plots, each readable without overprinting (no per-point text; a legend per mode, the knobs in report.json):
 
 - ``sweep_map_vs_gflops.png``, ``sweep_map_vs_latency.png``, ``sweep_f1_vs_latency.png``: every point of the
-  sweep, one colour per mode; each mode's line joins its own non-dominated points (its curve), the mode's
-  point at the bundle's knobs is a star, and black rings with a dashed line mark the Pareto front over all.
+  sweep, one colour per mode; each mode's line is its exit-scale sweep (exits off -> calibrated) at the
+  bundle's other knobs, the other points are faint markers, the mode's point at the bundle's knobs is a star,
+  and black rings joined by a dashed line mark the Pareto front over all points.
 - ``energy.png``: mAP against energy per frame (the title says whether it is metered or estimated).
 - ``realsize.png``: real-size median latency per mode and precision (bars), p95 as whiskers.
 - ``headline.png``: mAP vs median latency beside the real-size bars: the README's plot.
@@ -90,9 +91,8 @@ def curve(ax: Any, rows: list[dict[str, Any]], x: str, y: str, xlabel: str, ylab
             continue
         c = COLOURS[m]
         ax.scatter(xs[idx], ys[idx], s=18, color=c, alpha=0.35, marker=MARKERS[m], linewidths=0)
-        own = [idx[i] for i in np.flatnonzero(pareto_front(xs[idx], ys[idx]))]
-        own.sort(key=lambda i: xs[i])
-        ax.plot(xs[own], ys[own], color=c, marker=MARKERS[m], ms=5, lw=1.6, label=m)
+        line = _exit_curve(rows, idx)
+        ax.plot(xs[line], ys[line], color=c, marker=MARKERS[m], ms=5, lw=1.6, label=m)
         default = [i for i in idx if rows[i]["point"] == m]
         ax.scatter(
             xs[default], ys[default], s=140, marker="*", color=c, edgecolors="black", linewidths=0.6, zorder=5
@@ -105,6 +105,18 @@ def curve(ax: Any, rows: list[dict[str, Any]], x: str, y: str, xlabel: str, ylab
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
+
+
+def _exit_curve(rows: list[dict[str, Any]], idx: list[int]) -> list[int]:
+    """A mode's curve: its exit-scale points at the bundle's other knobs, from exits off to calibrated (the
+    max_adapters / recall / continuity points stay markers)."""
+    default = next((rows[i] for i in idx if rows[i]["point"] == rows[i]["mode"]), None)
+    if default is None:
+        return []
+    on = [i for i in idx if "no-continuity" not in rows[i]["point"] and rows[i]["exit_scale"] is not None
+          and (rows[i]["max_adapters"], rows[i]["recall_threshold"])
+          == (default["max_adapters"], default["recall_threshold"])]  # fmt: skip
+    return sorted(on, key=lambda i: rows[i]["exit_scale"])
 
 
 def _legend_right(ax: Any) -> None:

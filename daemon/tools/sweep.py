@@ -186,24 +186,28 @@ def sweep_rows(
     return rows
 
 
-def dominance(rows: list[dict[str, Any]], cost: str, *, tol: float = 1e-3) -> dict[str, Any]:
+def dominance(
+    rows: list[dict[str, Any]], cost: str, *, tol: float = 1e-3, cost_tol: float = 0.0
+) -> dict[str, Any]:
     """The plot target on one cost axis: does polymorph dominate switching and merged (same knobs: mAP >=
-    theirs - tol at <= their cost), and is its curve on or above early-exit's (for every early-exit point, a
-    polymorph point at <= its cost with mAP >= its mAP - tol)? Gaps are measured, in mAP points and cost."""
+    theirs - tol at <= their cost x (1 + cost_tol)), and is its curve on or above early-exit's (for every
+    early-exit point, a polymorph point at <= its cost x (1 + cost_tol) with mAP >= its mAP - tol)? Gaps are
+    measured, in mAP and cost ratios. ``cost_tol`` is the timing noise allowed (latency; 0 for GFLOPs)."""
     by = {(r["mode"], _suffix(r)): r for r in rows}
-    out: dict[str, Any] = {"cost": cost, "tol_map": tol}
+    out: dict[str, Any] = {"cost": cost, "tol_map": tol, "tol_cost": cost_tol}
+    slack = 1.0 + cost_tol
     for other in ("switching", "merged"):
         pairs = [(p, by[(other, s)]) for (m, s), p in by.items() if m == "polymorph" and (other, s) in by]
         lost = [
             {"point": o["point"], "map_gap": _gap(o["map"], p["map"]), "cost_ratio": _ratio(p[cost], o[cost])}
             for p, o in pairs
-            if _gap(o["map"], p["map"]) > tol or p[cost] > o[cost]
+            if _gap(o["map"], p["map"]) > tol or p[cost] > o[cost] * slack
         ]
         out[f"dominates_{other}"] = {"met": bool(pairs) and not lost, "pairs": len(pairs), "lost": lost}
     poly = [r for r in rows if r["mode"] == "polymorph" and r["map"] is not None]
     below = []
     for e in (r for r in rows if r["mode"] == "early-exit" and r["map"] is not None):
-        cheaper = [p["map"] for p in poly if p[cost] <= e[cost]]
+        cheaper = [p["map"] for p in poly if p[cost] <= e[cost] * slack]
         gap = e["map"] - max(cheaper) if cheaper else math.inf
         if gap > tol:
             best = min(poly, key=lambda p: abs(p[cost] - e[cost]), default=None)

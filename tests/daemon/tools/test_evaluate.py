@@ -186,7 +186,13 @@ def test_bench_writes_table_report_and_plots(tiny_bundle, dataset, tmp_path, cap
     out = tmp_path / "bench"
     assert cli_bench(args(tiny_bundle, dataset, out=str(out), max_frames=4)) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert {"exit_rates.png", "latency_cdf.png", "sweep_map_vs_latency.png", "report.json", "table.md"} <= set(names)
+    assert {
+        "exit_rates.png",
+        "latency_cdf.png",
+        "sweep_map_vs_latency.png",
+        "report.json",
+        "table.md",
+    } <= set(names)
     table = (out / "table.md").read_text()
     assert "| polymorph |" in table and "| mAP | label F1 | exact match |" in table
     report = json.loads((out / "report.json").read_text())
