@@ -14,7 +14,6 @@ Plots, each readable without overprinting (no per-point text; a legend per mode,
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -266,9 +265,7 @@ def markdown(report: dict[str, Any], modes_table: str, footer: str) -> str:
         "",
         "## Targets",
         "",
-        "```",
-        json.dumps(report["targets"], indent=1),
-        "```",
+        *_target_lines(report["targets"]),
         "",
         "```",
         footer,
@@ -276,6 +273,47 @@ def markdown(report: dict[str, Any], modes_table: str, footer: str) -> str:
         "",
     ]
     return "\n".join(md)
+
+
+def _verdict(met: bool) -> str:
+    return "**met**" if met else "**missed**"
+
+
+def _target_lines(t: dict[str, Any]) -> list[str]:
+    """Each target met or missed, with the measured ratios (report.json ``targets`` has every number)."""
+    out = []
+    rs = t.get("realsize_polymorph_vs_full")
+    if rs:
+        out.append(
+            f"- real size, polymorph median <= {rs['target']}x full: {_verdict(rs['met'])}, {rs['ratio']:.2f}x "
+            f"(CPU time {_f(rs['cpu_time_ratio'], '.2f')}x)"
+        )
+    pl = t.get("realsize_full_vs_plain")
+    if pl:
+        out.append(
+            f"- real size, full path within {pl['target']:.0%} of the plain forward: {_verdict(pl['met'])}, "
+            f"{pl['full_ms']:.2f} vs {pl['plain_ms']:.2f} ms ({pl['overhead']:+.1%}; CPU time "
+            f"{_f(pl['cpu_time_overhead'], '+.1%')})"
+        )
+    floor = t.get("noise_floor", {})
+    for cost, d in t["plots"].items():
+        tol = f", within +{d['tol_cost']:.0%} a tie" if d.get("tol_cost") else ""
+        noise = (
+            f"; identical work spread {floor[cost]:.1%} in this run" if floor.get(cost) is not None else ""
+        )
+        out.append(f"- {cost}{tol}{noise}:")
+        for other in ("switching", "merged"):
+            dm = d[f"dominates_{other}"]
+            lost = ", ".join(f"{x['point']} {x['cost_ratio']:.3f}x" for x in dm["lost"] if x["cost_ratio"])
+            more = f"; polymorph's cost / theirs where not: {lost}" if lost else ""
+            out.append(f"  - polymorph dominates {other} ({dm['pairs']} pairs): {_verdict(dm['met'])}{more}")
+        ee = d["on_or_above_early_exit"]
+        below = ", ".join(
+            f"{b['early_exit_point']} ({_f(b['map_gap'], '.2f', 100)} mAP)" for b in ee["below"]
+        )
+        more = f"; below at {below}" if below else ""
+        out.append(f"  - polymorph on or above early-exit: {_verdict(ee['met'])}{more}")
+    return out
 
 
 def _ablation_lines(ab: dict[str, Any]) -> list[str]:
@@ -351,14 +389,15 @@ def _realsize_lines(rs: dict[str, Any], word: str) -> list[str]:
         "the recorded per-frame decisions replayed; p50/p95 = preprocess + inference, `infer p50` = inference "
         "only (what the plain forward compares with).",
         "",
-        f"| precision (CPU) | point | p50 ms | p95 ms | infer p50 ms | vs full | energy mJ/frame ({word}) |",
-        "|---|---|---|---|---|---|---|",
+        f"| precision (CPU) | point | p50 ms | p95 ms | infer p50 ms | CPU p50 ms | vs full | energy mJ/frame ({word}) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for p, rows in rs["precisions"].items():
         label = p if p == "fp32" else f"{p} ({rs['cpu_support'].get(p, '')})"
         for n, r in rows.items():
             out.append(
                 f"| {label} | {n} | {r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['inference_p50_ms']:.2f} | "
+                f"{_f(r.get('cpu_p50_ms'), '.2f')} | "
                 f"{_f(r['vs_full'], '.2f')}x | {_f(r['energy_mj_per_frame'], '.1f')} |"
             )
     for p, why in rs.get("not_run", {}).items():

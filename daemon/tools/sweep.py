@@ -172,6 +172,7 @@ def sweep_rows(
                 "gflops_per_frame": r["gflops_per_frame"],
                 "p50_ms": r["latency_ms"]["p50"],
                 "p95_ms": r["latency_ms"]["p95"],
+                "mean_ms": r["latency_ms"]["mean"],
                 "fps": r["fps"],
                 "exit_rate": r["exit_rate"],
                 "adapters_per_frame": r["adapters_per_frame"],
@@ -221,6 +222,18 @@ def dominance(
             )
     out["on_or_above_early_exit"] = {"met": bool(poly) and not below, "below": below}
     return out
+
+
+def noise_floor(rows: list[dict[str, Any]], cost: str) -> float | None:
+    """Relative spread (max / min - 1) of ``cost`` among the modes' points at the bundle's knobs that did the
+    same work (same exit rates, no adapters): what the machine's noise alone moves a median in this run."""
+    same = [
+        r for r in rows if r["point"] == r["mode"] and r["mode"] != "full" and not r["adapters_per_frame"]
+    ]
+    if len(same) < 2 or len({json.dumps(r["exit_rate"], sort_keys=True) for r in same}) != 1:
+        return None
+    vals = [r[cost] for r in same]
+    return max(vals) / min(vals) - 1.0 if min(vals) > 0 else None
 
 
 def _suffix(row: dict[str, Any]) -> str:
