@@ -14,6 +14,7 @@ listed in ``benchplots.py``. Energy is the meter's where the board has one, else
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import platform
@@ -206,8 +207,6 @@ def run_realsize(
     modes_of: dict[str, str],
 ) -> dict[str, Any]:
     """Replay every recorded point on each real-size precision under ``root``; the ``realsize`` section."""
-    import json
-
     info_file = root / "realsize.json"
     if not info_file.exists():
         raise ConfigError(
@@ -218,7 +217,7 @@ def run_realsize(
     support = replay.precision_support(flags)
     precisions = [p for p in REALSIZE_PRECISIONS if p in info.get("bundles", {})]
     points = {n: (modes_of[n], decisions[n]) for n in decisions}
-    from tqdm import tqdm
+    from tqdm import tqdm  # as eval's bar: imported where it is used
 
     out: dict[str, Any] = {
         "available": True,
