@@ -212,3 +212,28 @@ def test_cpu_flags_and_precision_support(tmp_path):
     support = replay.precision_support(flags)
     assert support["bf16"] == "avx512_bf16" and support["fp16"].startswith("no avx512_fp16")
     assert replay.cpu_flags(tmp_path / "missing") == set()
+
+
+class FakeMeter(Meter):
+    """A meter that reads 2 mJ for every inference window."""
+
+    source = "rapl"
+
+    def sample(self) -> None:
+        self.samples = getattr(self, "samples", 0) + 1
+
+    def energy_mj(self, t0_ns: int, t1_ns: int) -> float | None:
+        return 2.0 if t1_ns > t0_ns else None
+
+
+def test_a_meter_measures_energy_and_the_report_says_so(tiny_bundle, dataset, tmp_path, monkeypatch):
+    meter = FakeMeter()
+    monkeypatch.setattr(bench, "probe_meter", lambda: meter)
+    out = tmp_path / "m"
+    assert bench.cli_bench(bench_args(tiny_bundle, dataset, out, exit_scales=[1.0], max_frames=4)) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["energy"] == {"source": "rapl", "model": None}
+    assert {r["energy_mj_per_frame"] for r in report["sweep"]} == {2.0}
+    assert meter.samples == 4 * len(report["sweep"])  # one reading per streamed frame, warm-up excluded
+    table = (out / "table.md").read_text()
+    assert "measured (rapl)" in table and "estimate" not in table
