@@ -252,10 +252,12 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def ablations_from_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
     """SL-ViT vs MLP exits, copycat on/off and LoRA rank from training runs' report.json (``--runs``): mean
     ± std over the runs (seeds) of each exit variant's test mAP / label F1, per exit position; adapters' mAP
-    gain over the generalist per LoRA rank. bench trains nothing: these are the runs' own numbers."""
+    gain over the generalist per LoRA rank. bench trains nothing: these are the runs' own numbers. Runs that
+    share their trained exits (``bench/lora_rank.py`` copies them) count once in the exit variants."""
     variants: dict[tuple[int, str, bool], list[dict[str, float]]] = {}
     ranks: dict[int, list[float]] = {}
     used = []
+    exits_seen: dict[str, str] = {}
     for run in runs:
         path = Path(run)
         try:
@@ -263,10 +265,14 @@ def ablations_from_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
             config = json.loads((path / "config.json").read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"--runs {path}: not a finished training run ({exc})") from exc
-        used.append({"run": str(path), "preset": report.get("preset"), "split": _report_split(report)})
-        for e in report.get("exits", []):
-            key = (int(e["after_block"]), str(e["kind"]), bool(e["copycat"]))
-            variants.setdefault(key, []).append({k: e.get(k) for k in ("map", "label_f1", "exact_match")})
+        exits_id = _exits_id(path)
+        shared = exits_seen.setdefault(exits_id, str(path))  # the run whose trained exits these are
+        used.append({"run": str(path), "preset": report.get("preset"), "split": _report_split(report),
+                     "lora_rank": int(config["lora"]["rank"]), "exits_of": shared})  # fmt: skip
+        if shared == str(path):  # the same exits (bench/lora_rank.py copies them) count once
+            for e in report.get("exits", []):
+                key = (int(e["after_block"]), str(e["kind"]), bool(e["copycat"]))
+                variants.setdefault(key, []).append({k: e.get(k) for k in ("map", "label_f1", "exact_match")})
         gains = [
             a["map_adapter"] - a["map_generalist"]
             for a in report.get("adapters", [])
@@ -298,6 +304,15 @@ def ablations_from_runs(runs: Sequence[str | Path]) -> dict[str, Any]:
             for r, g in sorted(ranks.items())
         ],
     }
+
+
+def _exits_id(run: Path) -> str:
+    """What identifies a run's trained exits: its exits stage record (a copied run shares it), else the path."""
+    try:
+        record = json.loads((run / "stages.json").read_text())["stages"]["exits"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return str(run.resolve())
+    return json.dumps(record, sort_keys=True)
 
 
 def _report_split(report: dict[str, Any]) -> str | None:

@@ -199,6 +199,20 @@ def test_sample_blocks_spreads_contiguous_runs_over_the_stream():
     assert replay.sample_blocks(d[:5], 20) == d[:5]
 
 
+def test_runs_sharing_their_exits_count_once_and_ranks_group(tmp_path):
+    a = fake_run(tmp_path / "a", {(1, "slvit", True): 0.8}, gain=0.02)
+    b = fake_run(tmp_path / "b", {(1, "slvit", True): 0.6}, gain=0.04)
+    copy = fake_run(tmp_path / "a8", {(1, "slvit", True): 0.8}, gain=0.01, rank=8)
+    for run in (a, copy):  # bench/lora_rank.py copies the exits stage's record with the exits
+        (tmp_path / run / "stages.json").write_text(json.dumps({"stages": {"exits": {"finished": 1.5}}}))
+    ab = ablations_from_runs([a, b, copy])
+    (slvit,) = ab["exit_variants"]
+    assert (slvit["runs"], slvit["map_mean"]) == (2, pytest.approx(0.7))
+    assert [r["exits_of"] for r in ab["runs"]] == [a, b, a]
+    assert [(r["rank"], r["runs"]) for r in ab["lora_rank"]] == [(4, 2), (8, 1)]
+    assert ab["lora_rank"][1]["adapter_map_gain_mean"] == pytest.approx(0.01)
+
+
 def test_ablations_from_runs_reject_an_unfinished_run(tmp_path):
     with pytest.raises(ConfigError, match="not a finished training run"):
         ablations_from_runs([tmp_path])
