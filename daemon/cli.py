@@ -146,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-frames", type=int, default=None, help="stop after this many frames per mode")
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)
 
-    be = sub.add_parser("bench", help="all modes side by side: table and plots")
+    be = sub.add_parser(
+        "bench", help="all modes across their knobs: curves, ablations, real-size latency, energy"
+    )
     be.add_argument("--bundle", required=True)
     be.add_argument("--data", required=True)
     be.add_argument("--out", required=True, help="report directory (table.md, report.json, *.png)")
@@ -154,6 +156,44 @@ def build_parser() -> argparse.ArgumentParser:
     be.add_argument("--threads", type=int, default=2)
     be.add_argument("--max-frames", type=int, default=None)
     be.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)
+    be.add_argument(
+        "--exit-scales",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="S",
+        help="exit thresholds to sweep, 0 (exits off) .. 1 (calibrated) (default: 0 .5 .8 .9 .95 1)",
+    )
+    be.add_argument(
+        "--max-adapters",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="M",
+        help="values to sweep (default: 1 2 3)",
+    )
+    be.add_argument(
+        "--recall",
+        type=float,
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="recall thresholds (default: .1 .2 .4)",
+    )
+    be.add_argument(
+        "--runs",
+        nargs="+",
+        default=None,
+        metavar="RUN",
+        help="training runs whose reports give the exit-kind, copycat and LoRA-rank ablations",
+    )
+    be.add_argument(
+        "--realsize",
+        default=None,
+        metavar="DIR",
+        help="real-size bundles written by bench/realsize.py: replay the recorded decisions on them",
+    )
+    be.add_argument("--realsize-frames", type=int, default=120, help="frames per real-size point")
 
     sv = sub.add_parser("serve", help="run the daemon")
     sv.add_argument("--config", default=None, help="YAML or JSON config file")

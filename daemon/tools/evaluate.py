@@ -24,7 +24,9 @@ import math
 import platform
 import resource
 import sys
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,7 @@ import numpy as np
 
 from polymorphd.daemon.engine import Engine, load_engine
 from polymorphd.models.core.errors import ConfigError, DataError
-from polymorphd.models.core.knobs import parse_knobs
+from polymorphd.models.core.knobs import PolicyKnobs, parse_knobs
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.core.modes import MODES
 from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
@@ -66,12 +68,18 @@ class _ModeRecord:
     labels: list[list[int]] = field(default_factory=list)  # published label indices, annotated frames only
     answered: list[int | str] = field(default_factory=list)  # the exit that answered, annotated frames only
     rows: list[int] = field(default_factory=list)  # row in the truth matrix for each score
+    cpu: list[float] = field(default_factory=list)  # process CPU ms per frame (all threads), for energy
+    energy: list[float | None] = field(default_factory=list)  # metered mJ per frame, where a meter exists
+    # every frame's (answering exit, context ids run), in stream order: what bench replays at real size
+    decisions: list[tuple[int | str, tuple[int, ...]]] = field(default_factory=list)
+    knobs: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class EvalResult:
     report: dict[str, Any]  # JSON-ready
     latencies: dict[str, np.ndarray]  # per-frame latency (ms) per mode, for plots
+    decisions: dict[str, list[tuple[int | str, tuple[int, ...]]]] = field(default_factory=dict)
 
 
 def class_columns(engine: Engine, split: TaoSplit) -> list[int]:
@@ -107,15 +115,26 @@ def _read(frame: Frame) -> np.ndarray:
 def evaluate(
     engine: Engine,
     split: TaoSplit,
-    modes: list[str] | tuple[str, ...],
+    modes: list[str] | tuple[str, ...] | dict[str, dict[str, Any]],
     *,
     max_frames: int | None = None,
     progress: bool = False,
+    meter: Any = None,
 ) -> EvalResult:
-    """Stream ``split`` through ``engine`` in each of ``modes`` (interleaved by video); return the report."""
-    for m in modes:
+    """Stream ``split`` through ``engine`` in each of ``modes`` (interleaved by video); return the report.
+
+    ``modes`` is a list of mode names, or named operating points: ``{name: knobs}`` where knobs (flat names,
+    as ``Engine.set_knobs`` takes them) include ``mode`` and apply over the engine's knobs at the start; the
+    report's ``modes`` is keyed by those names (``bench``'s sweep). ``meter`` (``daemon.power.Meter``) adds the
+    measured energy per frame where it knows it."""
+    points = {m: {"mode": m} for m in modes} if not isinstance(modes, dict) else dict(modes)
+    for name, knobs in points.items():
+        m = knobs.get("mode")
         if m not in MODES:
-            raise ConfigError(f"mode {m!r} invalid: choose among {', '.join(MODES)}")
+            raise ConfigError(
+                f"mode {m!r} invalid{'' if m == name else f' (point {name!r})'}: choose among "
+                f"{', '.join(MODES)}"
+            )
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"--max-frames must be >= 1, got {max_frames}")
     ids = class_columns(engine, split)
@@ -128,26 +147,31 @@ def evaluate(
     annotated = [f for v in videos for f in v.frames if f.labels is not None]
     truth_row = {id(f): i for i, f in enumerate(annotated)}
     Y_all = split.multi_hot(annotated, ids, ignore_unknown=True)
-    records = {m: _ModeRecord(m) for m in modes}
-    previous_mode = engine.mode
-    bar = _bar(budget * len(modes), progress)
+    start = engine.knobs()
+    base = {k: start[k] for k in ("mode", *PolicyKnobs.model_fields, "exit_thresholds")}
+    settings = {name: {**base, **knobs} for name, knobs in points.items()}
+    for s in settings.values():  # every point checked before minutes of streaming
+        engine.set_knobs(**s)
+    names = list(points)
+    records = {n: _ModeRecord(points[n]["mode"], knobs=dict(points[n])) for n in names}
+    bar = _bar(budget * len(names), progress)
     try:
-        _warm_up(engine, videos, modes)
+        _warm_up(engine, videos, [settings[n] for n in names])
         done = 0
         for vi, video in enumerate(videos):
             frames = video.frames[: budget - done]
             if not frames:
                 break
             images = [_read(f) for f in frames]
-            order = list(modes[vi % len(modes) :]) + list(modes[: vi % len(modes)])
-            for m in order:
-                engine.set_knobs(mode=m)
-                _run_video(engine, frames, images, records[m], truth_row)
+            order = names[vi % len(names) :] + names[: vi % len(names)]
+            for n in order:
+                engine.set_knobs(**settings[n])
+                _run_video(engine, frames, images, records[n], truth_row, meter)
                 bar.update(len(frames))
             done += len(frames)
     finally:
         bar.close()
-        engine.set_knobs(mode=previous_mode)
+        engine.set_knobs(**base)
     used = sorted({r for rec in records.values() for r in rec.rows})
     report = {
         "bundle": engine.bundle_id,
@@ -162,7 +186,7 @@ def evaluate(
         "threads": engine.trunk.threads,
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
         "peak_rss_mb": _peak_rss_mb(),
-        "modes": {m: _summarise(engine, rec, Y_all) for m, rec in records.items()},
+        "modes": {n: _summarise(engine, rec, Y_all) for n, rec in records.items()},
     }
     full = report["modes"].get("full")
     for row in report["modes"].values():
@@ -171,25 +195,34 @@ def evaluate(
             if full and row["latency_ms"]["p50"]
             else None
         )
-    lat = {m: np.asarray(rec.latency) for m, rec in records.items()}
-    return EvalResult(report, lat)
+    lat = {n: np.asarray(rec.latency) for n, rec in records.items()}
+    return EvalResult(report, lat, {n: rec.decisions for n, rec in records.items()})
 
 
-def _warm_up(engine: Engine, videos: list, modes: list[str] | tuple[str, ...]) -> None:
-    """A few untimed frames per mode: ORT allocates its arenas on the first runs."""
+def _warm_up(engine: Engine, videos: list, settings: list[dict[str, Any]]) -> None:
+    """A few untimed frames per point: ORT allocates its arenas on the first runs."""
     first = next((v.frames for v in videos if v.frames), ())
     images = [_read(f) for f in first[:WARMUP_FRAMES]]
-    for m in modes:
-        engine.set_knobs(mode=m)
+    for knobs in settings:
+        engine.set_knobs(**knobs)
         state = engine.new_state()
         for img in images:
             engine.infer(img, state)
 
 
-def _run_video(engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict[int, int]) -> None:
+def _run_video(
+    engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict[int, int], meter: Any = None
+) -> None:
     state = engine.new_state()  # the policy's memory never crosses videos
     for f, img in zip(frames, images, strict=True):
+        if meter is not None:
+            meter.sample()
+        c0 = time.process_time_ns()
         r = engine.infer(img, state)
+        rec.cpu.append((time.process_time_ns() - c0) / 1e6)
+        if meter is not None:
+            rec.energy.append(meter.energy_mj(r.infer_t0_ns, r.infer_t1_ns))
+        rec.decisions.append((r.exit, tuple(r.adapters)))
         rec.latency.append(r.preprocess_ms + r.inference_ms)
         rec.preprocess.append(r.preprocess_ms)
         rec.overhead.append(r.overhead_ms)
@@ -218,6 +251,7 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
     overall, by_exit = label_summary(pred, Y_all[rec.rows], rec.answered, keys)
     return {
         "mode": rec.mode,
+        **({"knobs": rec.knobs} if set(rec.knobs) != {"mode"} else {}),
         "frames": n,
         "map": _num(mean_ap),
         **overall,
@@ -233,6 +267,8 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
             "p99": float(np.percentile(lat, 99)),
         },
         "fps": 1000.0 / float(lat.mean()),
+        "cpu_ms_per_frame": float(np.mean(rec.cpu)),
+        "energy_mj_per_frame": _mean_known(rec.energy),
         "preprocess_ms_median": float(np.median(rec.preprocess)),
         "ort_ms_median": float(np.median(rec.ort)),
         "overhead_ms_median": float(np.median(rec.overhead)),
@@ -251,6 +287,11 @@ def label_summary(
         q = label_quality(pred[mask], Y[mask])
         by_exit[str(k)] = {"annotated_frames": int(mask.sum()), **{m: _num(v) for m, v in q.items()}}
     return overall, by_exit
+
+
+def _mean_known(values: list[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
 
 
 def _num(x: float) -> float | None:
@@ -335,17 +376,24 @@ def format_footer(report: dict[str, Any]) -> str:
     )
 
 
-def run_eval(args: argparse.Namespace, modes: list[str]) -> EvalResult:
-    """Load the engine and the split named by ``args`` and evaluate (shared by eval and bench)."""
+def run_eval(
+    args: argparse.Namespace,
+    modes: list[str] | Callable[[dict[str, Any]], dict[str, dict[str, Any]]],
+    meter: Any = None,
+) -> EvalResult:
+    """Load the engine and the split named by ``args`` and evaluate (shared by eval and bench). ``modes``:
+    mode names, or a function of the engine's knobs that returns named points (``evaluate``)."""
     knobs = parse_knobs(getattr(args, "set", None) or [], "--set")
-    engine = load_engine(args.bundle, mode=modes[0], threads=args.threads)
+    first = modes[0] if isinstance(modes, list) else "polymorph"
+    engine = load_engine(args.bundle, mode=first, threads=args.threads)
     try:
         if knobs:
             engine.set_knobs(**knobs)
+        points = modes if isinstance(modes, list) else modes(engine.knobs())
         name, why = evaluation_split(args.data, args.split)
         print(f"evaluating split {name!r}: {why}", file=sys.stderr)
         split = load_split(args.data, name, include_unannotated=True)
-        result = evaluate(engine, split, modes, max_frames=args.max_frames, progress=True)
+        result = evaluate(engine, split, points, max_frames=args.max_frames, progress=True, meter=meter)
     finally:
         engine.close()
     result.report["knobs"] = knobs

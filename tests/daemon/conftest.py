@@ -61,3 +61,12 @@ def foreign_adapter_bundle(swap_bundle, tmp_path_factory) -> Path:
     manifest["base_sha256"] = "0" * 64
     (path / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_realsize(tiny_bundle, tmp_path_factory) -> Path:
+    """Real-size bundles (fp32, int8, plain.onnx) of the tiny bundle's classes at a tiny geometry."""
+    realsize = pytest.importorskip("polymorphd.export.realsize")
+    geometry = realsize.Geometry(name="tiny", img_size=32, patch_size=8, embed_dim=48, depth=4, num_heads=3)
+    out = tmp_path_factory.mktemp("realsize") / "tiny"
+    return realsize.build_realsize(tiny_bundle, out, geometry=geometry, precisions=("fp32", "int8"))
