@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cache", default=None, help="where the demo bundle is cached (default ~/.cache/polymorphd)"
     )
     d.add_argument("--seconds", type=float, default=None, help="stop after this long (default: until Ctrl-C)")
+    d.add_argument("--frames", type=int, default=None, help="stop after this many labelled frames")
     d.add_argument("--fps", type=float, default=30.0)
 
     px = sub.add_parser("proxy", help="ZeroMQ XSUB/XPUB fan-in/fan-out for a fleet")

@@ -163,9 +163,10 @@ def watch(
     out: TextIO,
     proc: subprocess.Popen | None = None,
     classes: Sequence[str] = (),
+    frames: int | None = None,
 ) -> Accuracy:
-    """Print labels beside truth, named by the bundle's ``classes``, until ``seconds`` pass, the daemon
-    exits, or Ctrl-C."""
+    """Print labels beside truth, named by the bundle's ``classes``, until ``seconds`` pass, ``frames`` frames
+    are labelled, the daemon exits, or Ctrl-C."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.SUB)
     sock.linger = 0
@@ -212,6 +213,8 @@ def watch(
             print(frame_line(msg, predicted, truth, classes), file=out)
             if acc.frames % 30 == 0:
                 print(f"  -- {acc.line()}", file=out)
+            if frames is not None and acc.frames >= frames:
+                break
     except KeyboardInterrupt:
         pass
     finally:
@@ -232,7 +235,7 @@ def cli_demo(args: argparse.Namespace) -> int:
     print(f"  control:      polymorphd ctl --endpoint {ctl} stats", file=out)
     proc = subprocess.Popen(cmd)
     try:
-        acc = watch(pub, args.seconds, out, proc, bundle_classes(bundle))
+        acc = watch(pub, args.seconds, out, proc, bundle_classes(bundle), args.frames)
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
