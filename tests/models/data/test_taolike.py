@@ -92,6 +92,7 @@ def test_written_dataset_records_frequency_contexts_and_prints_statistics(tmp_pa
     assert len(split.categories) == 120 and split.videos[0].frames[0].path.stat().st_size > 0
     labels, contexts = taolike.split_truth(out, "train")
     assert len(labels) == 4 and all(len(v) == 20 for v in labels)
+    assert all(0 <= c < 12 for v in contexts for c in v)
 
 
 def test_default_synth_is_unchanged_by_the_profile_option(tmp_path: Path, capsys) -> None:

@@ -74,7 +74,7 @@ def test_adapter_training_refuses_a_base_that_changes(ctx, monkeypatch):
         return out
 
     monkeypatch.setattr(recipe, "train_model", sabotage)
-    with pytest.raises(RuntimeError, match="backbone tensor .* changed"):
+    with pytest.raises(RuntimeError, match=r"backbone tensor .* changed"):
         recipe.train_adapters(base, base, [[0, 1]], train, _split("v", 32, 1), _split("t", 32, 2), ctx)
 
 
