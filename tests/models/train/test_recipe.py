@@ -93,3 +93,24 @@ def test_epoch_pools_have_equal_size_and_the_contexts_share_of_negatives(monkeyp
     assert not np.array_equal(ctx0(1).numpy(), idx)  # fresh draws every epoch
     # a context without training frames trains on nothing rather than on negatives only
     assert len(recipe.epoch_pool(Y, [3], 1.0, [0])(0)) == 0
+
+
+def test_class_token_tail_equals_the_plain_tail_with_and_without_lora() -> None:
+    from polymorphd.models.nn.lora import ContextAdapter, adapter_logits
+
+    torch.manual_seed(1)
+    preset = get_preset("tiny")
+    vit = VisionTransformer(preset.vit_config(6)).eval()
+    tokens = torch.randn(5, vit.cfg.num_tokens, vit.cfg.embed_dim)
+    for blocks in (1, 2):
+        a = ContextAdapter(vit.cfg, replace(preset.lora_config(), last_blocks=blocks), head_init=vit.head)
+        with torch.no_grad():
+            for p in a.lora_B.values():
+                p.normal_(std=0.1)
+        want = adapter_logits(vit, tokens, a)
+        got = recipe.LoraTail(vit, a)(tokens)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    full = recipe.FullTail(vit, vit.cfg.depth - 2)
+    torch.testing.assert_close(
+        full(tokens), vit.forward_head(vit.forward_blocks(tokens, 2, 4)), atol=1e-5, rtol=1e-5
+    )
