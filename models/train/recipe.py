@@ -134,21 +134,23 @@ def probabilities(model: nn.Module, tokens: torch.Tensor) -> np.ndarray:
 
 
 def epoch_pool(
-    Y: np.ndarray, classes: Sequence[int] | None, negative_ratio: float, seed: Sequence[int]
+    Y: np.ndarray,
+    classes: Sequence[int] | None,
+    negative_ratio: float,
+    seed: Sequence[int],
+    samples: int | None = None,
 ) -> Callable[[int], torch.Tensor]:
-    """Epoch -> ``EPOCH_SAMPLES`` frame indices. All classes: a uniform draw of all frames. A context's
+    """Epoch -> ``samples`` (default ``EPOCH_SAMPLES``) frame indices. All classes: a uniform draw of all frames. A context's
     classes: its frames (any of its classes present) and ``negative_ratio`` negatives per positive from the
     other frames, drawn with replacement only where a pool is smaller than its share."""
-    n = len(Y)
+    n, samples = len(Y), samples or EPOCH_SAMPLES
     if classes is None:
         pos, neg = np.arange(n), np.zeros(0, dtype=np.int64)
     else:
         present = Y[:, list(classes)].any(axis=1)
         pos, neg = np.flatnonzero(present), np.flatnonzero(~present)
-    n_neg = (
-        0 if not len(neg) or not len(pos) else round(EPOCH_SAMPLES * negative_ratio / (1 + negative_ratio))
-    )
-    n_pos = EPOCH_SAMPLES - n_neg
+    n_neg = 0 if not len(neg) or not len(pos) else round(samples * negative_ratio / (1 + negative_ratio))
+    n_pos = samples - n_neg
 
     def draw(epoch: int) -> torch.Tensor:
         rng = np.random.default_rng([*seed, epoch])
@@ -170,13 +172,15 @@ def train_model(
     ctx: Ctx,
     desc: str,
     bar,
+    scale: int = 1,
 ) -> dict:
-    """One recipe model on the cached tokens, its classes only in the loss; keeps its best calibration epoch."""
+    """One recipe model on the cached tokens, its classes only in the loss; keeps its best calibration epoch.
+    ``scale``: epochs of ``scale`` x ``EPOCH_SAMPLES`` samples (the all-class models: the adapters' total)."""
     p = ctx.preset
     cols = list(range(tok.Y.shape[1])) if classes is None else list(classes)
     cls = torch.tensor(cols, device=tok.Y.device)
     gen = torch.Generator().manual_seed(int(np.random.default_rng(list(seed)).integers(2**31)))
-    pool = epoch_pool(tok.Y.cpu().numpy(), classes, p.negative_ratio, seed)
+    pool = epoch_pool(tok.Y.cpu().numpy(), classes, p.negative_ratio, seed, scale * EPOCH_SAMPLES)
 
     def step(idx: torch.Tensor) -> torch.Tensor:
         idx = idx.to(tok.Y.device)
@@ -200,6 +204,7 @@ def train_model(
         "best_epoch": keep.epoch,
         "map_calibration": jsonable(keep.score),
         "final_loss": jsonable(losses[-1]),
+        "budget": budget(ctx, scale),
     }
 
 
@@ -222,19 +227,20 @@ def recipe_preset(preset: Preset) -> Preset:
     )
 
 
-def budget(ctx: Ctx) -> dict:
-    """The training budget every recipe model gets (the same for each)."""
+def budget(ctx: Ctx, scale: int = 1) -> dict:
+    """A recipe model's training budget: one adapter's at ``scale`` 1, the adapters' total at their count."""
     s = ctx.preset.adapters
     return {
-        "epochs": s.epochs, "samples_per_epoch": EPOCH_SAMPLES, "batch_size": s.batch_size, "lr": s.lr,
-        "steps": s.epochs * math.ceil(EPOCH_SAMPLES / s.batch_size),
+        "epochs": s.epochs, "samples_per_epoch": scale * EPOCH_SAMPLES, "batch_size": s.batch_size, "lr": s.lr,
+        "steps": s.epochs * math.ceil(scale * EPOCH_SAMPLES / s.batch_size),
     }  # fmt: skip
 
 
 def train_generalist(
-    base: VisionTransformer, train: SplitData, calib: SplitData, report: SplitData, ctx: Ctx
+    base: VisionTransformer, train: SplitData, calib: SplitData, report: SplitData, ctx: Ctx, scale: int = 1
 ) -> tuple[ContextAdapter, dict]:
-    """The generalist: one LoRA (the adapters' rank) + one head over all classes, on the frozen ``base``."""
+    """The generalist: one LoRA (the adapters' rank) + one head over all classes, on the frozen ``base``,
+    trained for ``scale`` adapters' budgets (the run passes its number of contexts: equal total budget)."""
     lora_cfg = ctx.preset.lora_config()
     start = tail_start(base.cfg, lora_cfg)
     tok = cache_tokens(base, start, train, calib, report, ctx)
@@ -243,14 +249,23 @@ def train_generalist(
     model = LoraTail(base, adapter)
     bar = stage_bar("generalist (LoRA)", ctx)
     res = train_model(
-        model, list(adapter.named_parameters()), tok, calib, None, [ctx.seed, 0x6E], ctx, "generalist", bar
+        model,
+        list(adapter.named_parameters()),
+        tok,
+        calib,
+        None,
+        [ctx.seed, 0x6E],
+        ctx,
+        "generalist",
+        bar,
+        scale,
     )
     bar.close()
     probs = probabilities(model, tok.report)
     thr = decision_thresholds(
         calib.Y, probabilities(model, tok.calib), min_positives=ctx.preset.threshold_min_positives
     )
-    res |= {"map": jsonable(mean_average_precision(report.Y, probs)[0]), "budget": budget(ctx)}
+    res |= {"map": jsonable(mean_average_precision(report.Y, probs)[0])}
     res |= {k: jsonable(v) for k, v in label_quality(probs > thr, report.Y).items()}
     return adapter, res
 
@@ -310,7 +325,16 @@ def train_adapters(
     torch.manual_seed(ctx.seed * 100 + 99)
     full = FullTail(base, start).to(ctx.device)
     full_res = train_model(
-        full, list(full.named_parameters()), tok, calib, None, [ctx.seed, 0xF7], ctx, "full tail", bar
+        full,
+        list(full.named_parameters()),
+        tok,
+        calib,
+        None,
+        [ctx.seed, 0xF7],
+        ctx,
+        "full tail",
+        bar,
+        len(contexts),
     )
     bar.close()
     full_probs = probabilities(full, tok.report)
@@ -336,6 +360,6 @@ def train_adapters(
         "generalist": overall(gen_probs, gen_cal),
         "adapters_everywhere": overall(everywhere, everywhere_cal),
         "full_tail": overall(full_probs, probabilities(full, tok.calib)) | full_res,
-        "budget": budget(ctx),
+        "budget_per_adapter": budget(ctx),
     }
     return adapters, {"adapters": rows, "recipe": summary}

@@ -297,7 +297,9 @@ def _polymorph_generalist(job: Job) -> dict[str, Any]:
     vit, d = job.vit, job.data
     notes = load_init(vit, job.init_from, num_classes=vit.cfg.num_classes) if job.init_from else []
     job.base = copy.deepcopy(vit)
-    adapter, res = recipe.train_generalist(job.base, d.train, d.calib, d.report, job.ctx)
+    # the adapters' total budget: as many adapter budgets as the contexts stage will cluster contexts
+    scale = len(cluster_contexts(d.train.Y, max_size=job.ctx.preset.max_context_size))
+    adapter, res = recipe.train_generalist(job.base, d.train, d.calib, d.report, job.ctx, scale)
     merge_(vit, adapter)
     freeze(vit)
     return res | {"init_notes": notes, "recipe": "polymorph"}
