@@ -71,7 +71,12 @@ def overall_table(stage_logs: list[dict]) -> tuple[list[str], dict[str, Any]]:
         col = {k: [r[name].get(k) for r in rec] for k in ("map", "label_f1", "exact_match")}
         lines.append(f"| {name} | {_ms(col['map'])} | {_ms(col['label_f1'])} | {_ms(col['exact_match'])} |")
         out[name] = col
-    lines.append(f"\nbudget per model: {json.dumps(rec[0]['budget'])}")
+    per_adapter = rec[0].get("budget_per_adapter", rec[0].get("budget"))
+    lines.append(f"\nbudget per adapter: {json.dumps(per_adapter)}")
+    if "budget" in rec[0]["full_tail"]:
+        lines.append(
+            f"budget of the full-tail model (and the generalist): {json.dumps(rec[0]['full_tail']['budget'])}"
+        )
     return lines, out
 
 

@@ -270,6 +270,19 @@ def train_generalist(
     return adapter, res
 
 
+def _full_tail(
+    base: VisionTransformer, start: int, tok: Tokens, calib: SplitData, scale: int, ctx: Ctx, bar
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The tail blocks fully fine-tuned on all classes at the adapters' total budget: report and calibration
+    probabilities and its training record."""
+    torch.manual_seed(ctx.seed * 100 + 99)
+    full = FullTail(base, start).to(ctx.device)
+    res = train_model(
+        full, list(full.named_parameters()), tok, calib, None, [ctx.seed, 0xF7], ctx, "full tail", bar, scale
+    )
+    return probabilities(full, tok.report), probabilities(full, tok.calib), res
+
+
 def _ctx_map(Y: np.ndarray, P: np.ndarray, classes: Sequence[int]) -> float | None:
     return jsonable(mean_average_precision(Y[:, list(classes)], P[:, list(classes)])[0])
 
@@ -282,8 +295,9 @@ def train_adapters(
     calib: SplitData,
     report: SplitData,
     ctx: Ctx,
+    full_tail: bool = True,
 ) -> tuple[list[ContextAdapter], dict]:
-    """One adapter per context on the frozen ``base``, and the full-tail single model; per context the mAP
+    """One adapter per context on the frozen ``base``, and (``full_tail``) the full-tail single model; per context the mAP
     on its classes (all report frames) of the generalist, the adapter and the full-tail model.
 
     Raises if ``base`` changes: the backbone must stay frozen.
@@ -322,24 +336,11 @@ def train_adapters(
                 "map_adapter": _ctx_map(report.Y, probs, classes),
             }
         )  # fmt: skip
-    torch.manual_seed(ctx.seed * 100 + 99)
-    full = FullTail(base, start).to(ctx.device)
-    full_res = train_model(
-        full,
-        list(full.named_parameters()),
-        tok,
-        calib,
-        None,
-        [ctx.seed, 0xF7],
-        ctx,
-        "full tail",
-        bar,
-        len(contexts),
-    )
+    if full_tail:
+        full_probs, full_cal, full_res = _full_tail(base, start, tok, calib, len(contexts), ctx, bar)
     bar.close()
-    full_probs = probabilities(full, tok.report)
     for r in rows:
-        r["map_full_tail"] = _ctx_map(report.Y, full_probs, r["classes"])
+        r["map_full_tail"] = _ctx_map(report.Y, full_probs, r["classes"]) if full_tail else None
     for k, v in base.state_dict().items():
         if not torch.equal(v, before[k]):
             raise RuntimeError(
@@ -359,7 +360,7 @@ def train_adapters(
     summary = {
         "generalist": overall(gen_probs, gen_cal),
         "adapters_everywhere": overall(everywhere, everywhere_cal),
-        "full_tail": overall(full_probs, probabilities(full, tok.calib)) | full_res,
+        **({"full_tail": overall(full_probs, full_cal) | full_res} if full_tail else {}),
         "budget_per_adapter": budget(ctx),
     }
     return adapters, {"adapters": rows, "recipe": summary}
