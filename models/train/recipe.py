@@ -8,9 +8,11 @@ One backbone, shared and frozen (the pretrained checkpoint). On top of it, at th
 - the strongest single model at that cost (reported, not exported): the tail blocks fully fine-tuned with
   a head over all classes, so the comparison is not against a strawman.
 
-Every model trains on the frozen trunk's cached tokens at the tail start, with manifold mixup, for the same
-budget: ``preset.adapters.epochs`` epochs of ``EPOCH_SAMPLES`` samples (same optimizer steps, batch size
-and learning rate), keeping its best epoch by calibration mAP on its own classes. The generalist's LoRA is
+Every model trains on the frozen trunk's cached tokens at the tail start, with manifold mixup, the same
+schedule and learning rate: an adapter ``preset.adapters.epochs`` epochs of ``EPOCH_SAMPLES`` samples, the
+generalist and the full-tail model epochs of (number of contexts) x ``EPOCH_SAMPLES``, so that each all-class
+model costs what all the adapters cost together (one adapter's budget left the generalist unconverged:
+docs/ARCHITECTURE.md). Each keeps its best epoch by calibration mAP on its own classes. The generalist's LoRA is
 merged into the exported backbone (``tail.onnx``, the ``full`` and ``early-exit`` modes); the adapters stay
 relative to the frozen backbone, whose tail weights ``tail_lora.onnx`` and ``tail_weights.onnx`` carry
 (``run.ADAPTER_BASE``; docs/bundle.md).
