@@ -46,18 +46,31 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_command", required=True)
     s = data.add_parser("synth", help="write a synthetic multi-label video dataset in TAO format")
     s.add_argument("--out", required=True, help="dataset directory to write (must not exist or be empty)")
-    s.add_argument("--classes", type=int, default=32, help="number of object classes")
-    s.add_argument("--contexts", type=int, default=6, help="number of scene contexts (class groups)")
+    s.add_argument(
+        "--profile",
+        choices=("default", "tao"),
+        default="default",
+        help="default: the demo's dataset; tao: the method benchmark (long-tailed classes, >= 10 contexts)",
+    )
+    s.add_argument("--classes", type=int, default=None, help="number of object classes (default 32; tao 120)")
+    s.add_argument("--contexts", type=int, default=None, help="number of scene contexts (default 6; tao 12)")
     s.add_argument(
         "--videos",
         type=int,
         nargs=3,
         default=None,
         metavar=("TRAIN", "VAL", "TEST"),
-        help="videos per split (default: 144 12 12)",
+        help="videos per split (default: 144 12 12; tao 120 24 24)",
     )
-    s.add_argument("--frames", type=int, default=60, help="frames per video")
-    s.add_argument("--size", type=int, nargs=2, default=(128, 128), metavar=("W", "H"), help="frame size")
+    s.add_argument("--frames", type=int, default=None, help="frames per video (default 60)")
+    s.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("W", "H"),
+        help="frame size (default 128 128; tao 64 64)",
+    )
     s.add_argument(
         "--annotate-every", type=int, default=1, help="annotate one frame in N (TAO: about 1 per second)"
     )
@@ -106,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
         "scratch (default: the preset's shipped pretrained checkpoint, where the project ships one)",
     )
     t.add_argument("--epochs", type=int, default=None, help="override the preset's generalist epochs")
+    t.add_argument(
+        "--recipe",
+        choices=("default", "polymorph"),
+        default="default",
+        help="default: generalist fine-tuned whole, adapters from it; polymorph: frozen pretrained backbone, "
+        "LoRA generalist and adapters at the same budget, plus the full-tail single model (models/train/recipe.py)",
+    )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
 

@@ -1,7 +1,8 @@
 """Per-frame context selection and label merging (Polymorph, arXiv 2507.14959). Torch-free, no I/O.
 
 After the last early exit, the likely labels of a frame are the labels published in the last few frames
-(temporal continuity) plus the classes the exit scores above a high-recall threshold. The contexts that
+(temporal continuity) that the exit still supports (``support``; 0 keeps them all) plus the classes the
+exit scores above a high-recall threshold. The contexts that
 cover them (greedy set cover, at most `max_adapters`) are the adapters run in the LoRA tail. Every
 `refresh_every` frames, or when the exit's view disagrees with the last labels (scene change), the likely
 set widens to catch objects the exit barely sees. The knobs (``PolicyKnobs``) are defined, defaulted and
@@ -94,7 +95,10 @@ class ContextPolicy:
         refresh = cfg.refresh_every > 0 and state.frame % cfg.refresh_every == 0
         if surprise or refresh:
             exit_likely = set(np.flatnonzero(p > 0.5 * cfg.recall_threshold).tolist())
-        likely = exit_likely | state.recent
+        recent = state.recent
+        if cfg.support > 0:  # recent labels the exit no longer supports have left the scene
+            recent = frozenset(c for c in recent if p[c] > cfg.support)
+        likely = exit_likely | recent
         state.last_likely = frozenset(likely)
         if not likely:
             state.last_reason = "empty"
@@ -102,7 +106,6 @@ class ContextPolicy:
         state.last_reason = "surprise" if surprise else "refresh" if refresh else "cover"
         # labels published recently outrank exit guesses; among guesses, the more probable first
         order = sorted(likely)
-        recent = state.recent
         weights = {
             c: v + (1.0 if c in recent else 0.0) for c, v in zip(order, p[order].tolist(), strict=True)
         }

@@ -90,11 +90,12 @@ def adapter_tensors(adapter: ContextAdapter) -> dict[str, np.ndarray]:
 
 
 def tail_base_tensors(run: Run) -> dict[str, np.ndarray]:
-    """The generalist's tail weights under tail_weights.onnx's input names (the merged baseline adds deltas)."""
+    """The adapters' base tail weights (``run.lora_base``) under tail_weights.onnx's input names (the merged
+    baseline adds deltas), and the generalist's head."""
     out: dict[str, np.ndarray] = {}
     with torch.no_grad():
         for n in tail_linear_names(run):
-            layer = run.vit.blocks[n.block].get_submodule(n.target)
+            layer = run.lora_base.blocks[n.block].get_submodule(n.target)
             out[f"w.{n.onnx}"] = _np(layer.weight)
             out[f"b.{n.onnx}"] = _np(layer.bias)
         out["head_w"] = _np(run.vit.head.weight)
@@ -146,7 +147,7 @@ def plan_graphs(run: Run) -> list[GraphSpec]:
     specs.append(
         GraphSpec(
             "tail_lora",
-            TailLora(run.vit, t, names),
+            TailLora(run.lora_base, t, names),
             ("tokens", *lora_inputs, "head_w", "head_b"),
             ("probs",),
             {k_: {0: "M"} for k_ in [*lora_inputs, "head_w", "head_b"]},
@@ -168,7 +169,7 @@ def plan_graphs(run: Run) -> list[GraphSpec]:
     specs.append(
         GraphSpec(
             "tail_weights",
-            TailWeights(run.vit, t, lin),
+            TailWeights(run.lora_base, t, lin),
             ("tokens", *weight_inputs, "head_w", "head_b"),
             ("probs",),
             {"tokens": batch},

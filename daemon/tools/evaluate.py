@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from polymorphd.daemon.engine import Engine, load_engine
+from polymorphd.models.core.contexts import greedy_cover
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import PolicyKnobs, parse_knobs
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
@@ -73,6 +74,7 @@ class _ModeRecord:
     # every frame's (answering exit, context ids run), in stream order: what bench replays at real size
     decisions: list[tuple[int | str, tuple[int, ...]]] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)
+    ann_adapters: list[int] = field(default_factory=list)  # adapters run, annotated frames only
 
 
 @dataclass
@@ -235,6 +237,22 @@ def _run_video(
             rec.labels.append(r.labels)
             rec.answered.append(r.exit)
             rec.rows.append(truth_row[id(f)])
+            rec.ann_adapters.append(len(r.adapters))
+
+
+def _selection(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str, Any]:
+    """On annotated frames that ran adapters: adapters per frame against the contexts the frame's true labels
+    need (greedy cover by the bundle's contexts), and their ratio (the policy's overhead; 1 = tight)."""
+    ran = [i for i, a in enumerate(rec.ann_adapters) if a > 0]
+    if not ran:
+        return {"adapters_per_tail_frame": None, "true_contexts_per_tail_frame": None}
+    needed = [len(greedy_cover(np.flatnonzero(Y_all[rec.rows[i]]).tolist(), engine.contexts)) for i in ran]
+    used = float(np.mean([rec.ann_adapters[i] for i in ran]))
+    return {
+        "adapters_per_tail_frame": used,
+        "true_contexts_per_tail_frame": float(np.mean(needed)),
+        "tail_frames": len(ran),
+    }
 
 
 def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str, Any]:
@@ -259,6 +277,7 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
         "per_class_ap": {name: _num(ap) for name, ap in zip(engine.classes, per_class, strict=True)},
         "exit_rate": {str(k): rec.exits.get(k, 0) / n for k in keys},
         "adapters_per_frame": float(np.mean(rec.adapters)),
+        **_selection(engine, rec, Y_all),
         "gflops_per_frame": _num(float(np.mean(rec.gflops))),
         "latency_ms": {
             "mean": float(lat.mean()),

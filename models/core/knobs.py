@@ -98,6 +98,27 @@ class PolicyKnobs(_Knobs):
         le=1,
         description="widen when Jaccard(exit's likely set, last labels) is below this (a scene change); 0 = never",
     )
+    support: Number = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="a recent label stays likely only while the exit still scores it above this (on the "
+        "exit's calibrated scale); 0 keeps every recent label (the v1 policy). Not written into manifests "
+        "at its default, so daemons that predate it keep reading new bundles",
+    )
+
+
+# Knobs added after the manifest's v1 policy: written into a manifest only when set, since daemons that
+# predate them refuse unknown keys (PolicyKnobs forbids extras)
+NEWER_POLICY_KNOBS = frozenset({"support"})
+
+
+def manifest_policy(knobs: PolicyKnobs | None = None) -> dict[str, Any]:
+    """The policy dict training writes into calibration.json (and export into the manifest)."""
+    knobs = knobs or PolicyKnobs()
+    default = PolicyKnobs()
+    skip = {k for k in NEWER_POLICY_KNOBS if getattr(knobs, k) == getattr(default, k)}
+    return knobs.model_dump(exclude=skip)
 
 
 class ExitThreshold(_Knobs):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -361,19 +361,11 @@ def write_dataset(
     With ``audio``, also DIR/frames/<split>/<video>.wav beside each video's frames, referenced from its
     ``videos`` entry (``fps`` and ``audio``: models/data/audio.py); the frames are the same as without.
     """
-    from tqdm import tqdm
-
     counts = _check_write_args(videos, annotate_every)
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(
-            f"{out}: output exists and is not an empty directory; choose a new --out or remove it"
-        )
+    _check_empty_out(Path(out_dir))
     names, cids, groups = class_names(cfg), category_ids(cfg), context_groups(cfg)
     if cfg.background:
         backgrounds.load_video_frames(cfg.background, cfg.width, cfg.height)  # fail before writing anything
-    (out / "annotations").mkdir(parents=True, exist_ok=True)
-    categories = [{"id": c, "name": n} for c, n in zip(cids, names, strict=True)]
     info = {
         "description": "polymorphd synthetic multi-label video (TAO format)",
         "config": asdict(cfg),
@@ -382,9 +374,47 @@ def write_dataset(
     }
     if audio is not None:
         info["audio"] = audio.to_dict()
+    categories = [{"id": c, "name": n} for c, n in zip(cids, names, strict=True)]
+    return write_videos(
+        Path(out_dir), counts, lambda seed: render_video(cfg, seed), categories, info,
+        (cfg.width, cfg.height, cfg.frames_per_video), annotate_every, cfg.seed, progress=progress, audio=audio,
+    )  # fmt: skip
+
+
+def _check_empty_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(
+            f"{out}: output exists and is not an empty directory; choose a new --out or remove it"
+        )
+
+
+def write_videos(
+    out: Path,
+    counts: Sequence[int],
+    render: Callable[[int], Iterable[SynthFrame]],
+    categories: list[dict],
+    info: dict,
+    geometry: tuple[int, int, int],
+    annotate_every: int,
+    seed: int,
+    *,
+    progress: bool = True,
+    scene_context: bool = False,
+    audio: AudioConfig | None = None,
+) -> Path:
+    """The TAO writer behind ``write_dataset`` and the tao profile: ``render(video_seed)`` gives each video's
+    frames (class indices index ``categories``), ``geometry`` is (width, height, frames per video).
+    ``scene_context``: each image entry also records its scene's ground-truth ``context`` (an extra key).
+    ``audio``: also a WAV per video from the objects each frame holds (``write_dataset``)."""
+    from tqdm import tqdm
+
+    _check_empty_out(out)
+    width, height, frames_per_video = geometry
+    cids = [c["id"] for c in categories]
+    (out / "annotations").mkdir(parents=True, exist_ok=True)
     next_image = next_ann = next_track = 1
     video_seed = 0
-    bar = tqdm(total=sum(counts) * cfg.frames_per_video, desc="synth", unit="frame", disable=not progress)
+    bar = tqdm(total=sum(counts) * frames_per_video, desc="synth", unit="frame", disable=not progress)
     for split_no, (split, count) in enumerate(zip(SPLITS, counts, strict=True)):
         if count == 0:
             continue
@@ -392,12 +422,13 @@ def write_dataset(
         for _ in range(count):
             vid, name = video_seed + 1, f"{split}/synth_{video_seed:05d}"
             (out / "frames" / name).mkdir(parents=True)
-            entry = {"id": vid, "name": name, "width": cfg.width, "height": cfg.height, "seed": video_seed}
+            entry = {"id": vid, "name": name, "width": width, "height": height, "seed": video_seed}
             vids.append(entry)
             track_ids: dict[int, int] = {}
             heard: list[tuple[int, list[tuple[int, int]]]] = []
-            for fr in render_video(cfg, video_seed):
-                heard.append((fr.scene, [(o.track_id, o.class_index) for o in fr.objects]))
+            for fr in render(video_seed):
+                if audio is not None:
+                    heard.append((fr.scene, [(o.track_id, o.class_index) for o in fr.objects]))
                 file_name = f"{name}/{fr.frame_index:06d}.jpg"
                 ok, buf = cv2.imencode(".jpg", fr.image, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
                 assert ok, "JPEG encoding of a uint8 BGR image cannot fail"
@@ -407,7 +438,7 @@ def write_dataset(
                     continue
                 images.append(
                     {"id": next_image, "video_id": vid, "frame_index": fr.frame_index, "file_name": file_name,
-                     "width": cfg.width, "height": cfg.height}
+                     "width": width, "height": height} | ({"context": fr.context} if scene_context else {})
                 )  # fmt: skip
                 for ob in fr.objects:
                     if ob.track_id not in track_ids:
@@ -425,13 +456,13 @@ def write_dataset(
                     next_ann += 1
                 next_image += 1
             if audio is not None:
-                rng = np.random.default_rng([cfg.seed, video_seed, AUDIO_STREAM])
-                write_wav(out / "frames" / f"{name}.wav", render_soundscape(audio, cfg.num_classes, heard, rng),
+                rng = np.random.default_rng([seed, video_seed, AUDIO_STREAM])
+                write_wav(out / "frames" / f"{name}.wav", render_soundscape(audio, len(categories), heard, rng),
                           audio.sample_rate)  # fmt: skip
                 entry["fps"] = audio.fps
                 entry["audio"] = {"file_name": f"{name}.wav", "sample_rate": audio.sample_rate}
             video_seed += 1
-        order = np.random.default_rng([cfg.seed, split_no, 0x5A]).permutation(len(images)).tolist()
+        order = np.random.default_rng([seed, split_no, 0x5A]).permutation(len(images)).tolist()
         doc = {
             "info": info, "videos": vids, "images": [images[i] for i in order], "annotations": anns,
             "tracks": tracks, "categories": categories, "licenses": [],
@@ -454,9 +485,14 @@ def dataset_label_sets(root: str | Path) -> dict[str, list[list[frozenset[int]]]
 
 def cli_synth(args: argparse.Namespace) -> int:
     """``polymorphd data synth``: write a dataset, then print a short summary of what it holds."""
+    if getattr(args, "profile", "default") == "tao":
+        from polymorphd.models.data.taolike import cli_synth_tao
+
+        return cli_synth_tao(args)
+    size = args.size or (128, 128)
     cfg = SynthConfig(
-        num_classes=args.classes, num_contexts=args.contexts, frames_per_video=args.frames,
-        width=args.size[0], height=args.size[1], background=args.background, seed=args.seed,
+        num_classes=args.classes or 32, num_contexts=args.contexts or 6, frames_per_video=args.frames or 60,
+        width=size[0], height=size[1], background=args.background, seed=args.seed,
         sources=tuple(getattr(args, "sources", None) or sprites.SOURCES),
     )  # fmt: skip
     videos = tuple(args.videos) if args.videos else DEFAULT_VIDEOS

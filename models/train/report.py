@@ -88,6 +88,7 @@ def build_report(
         "coverage": res.get("contexts", {}).get("coverage", {}),
         "coverage_report_split": res.get("contexts", {}).get("coverage_report", {}),
         "adapters": res.get("adapters", {}).get("adapters", []),
+        **({"recipe": res["adapters"]["recipe"]} if "recipe" in res.get("adapters", {}) else {}),
         "calibration": {"exits": calib.get("exits", []), "tolerance": calib.get("tolerance")},
         "gflops": cost_summary(vit.cfg, preset),
         "params": param_summary(vit, preset),

@@ -49,6 +49,9 @@ CALIBRATION = "calibration.json"
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
 STAGE_LOG = "stages.json"
+# polymorph recipe only: the frozen backbone the adapters are relative to (the backbone file holds the
+# generalist, its LoRA merged); absent, the adapters are relative to the backbone file
+ADAPTER_BASE = "adapter_base.pt"
 FILES = (CONFIG, BACKBONE, EXITS, CONTEXTS, ADAPTERS, CALIBRATION, REPORT_JSON, REPORT_MD, STAGE_LOG)
 
 Device = str | torch.device
@@ -68,10 +71,16 @@ class Run:
     adapters: list[ContextAdapter]
     calibration: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
+    adapter_base: VisionTransformer | None = None  # ADAPTER_BASE when the run has one
 
     @property
     def vit_config(self) -> ViTConfig:
         return self.vit.cfg
+
+    @property
+    def lora_base(self) -> VisionTransformer:
+        """The model whose tail weights the adapters' LoRA deltas are added to."""
+        return self.adapter_base if self.adapter_base is not None else self.vit
 
 
 # --- atomic files ---------------------------------------------------------------------------------
@@ -142,6 +151,16 @@ def save_backbone(run_dir: Path, vit: VisionTransformer) -> None:
 def load_backbone(run_dir: Path, vit: VisionTransformer, device: Device = "cpu") -> VisionTransformer:
     """Load the saved generalist's weights into ``vit`` (built from the run's config); returns it."""
     vit.load_state_dict(_load_state(Path(run_dir) / BACKBONE, device))
+    return vit
+
+
+def save_adapter_base(run_dir: Path, vit: VisionTransformer) -> None:
+    save_torch(Path(run_dir) / ADAPTER_BASE, vit.state_dict())
+
+
+def load_adapter_base(run_dir: Path, vit: VisionTransformer, device: Device = "cpu") -> VisionTransformer:
+    """Load the frozen base of a polymorph-recipe run into ``vit``; returns it."""
+    vit.load_state_dict(_load_state(Path(run_dir) / ADAPTER_BASE, device))
     return vit
 
 
@@ -273,6 +292,11 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
         adapters=load_adapters(path, vit_cfg, lora_cfg, len(contexts)),
         calibration=calibration,
         report=load_report(path),
+        adapter_base=(
+            load_adapter_base(path, VisionTransformer(vit_cfg, fused_attn=fused_attn)).eval()
+            if (path / ADAPTER_BASE).is_file()
+            else None
+        ),
     )
 
 

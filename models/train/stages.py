@@ -24,7 +24,7 @@ from polymorphd.models.core.calibrate import (
     logit_offsets,
 )
 from polymorphd.models.core.cost import count_params, exit_flops, gflops
-from polymorphd.models.core.knobs import PolicyKnobs
+from polymorphd.models.core.knobs import manifest_policy
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.nn.exits import build_exit
 from polymorphd.models.nn.lora import ContextAdapter, adapter_logits, tail_start
@@ -422,7 +422,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
     return {
         "class_thresholds": [float(t) for t in thr],
         "exits": out_exits,
-        "policy": PolicyKnobs().model_dump(),  # the runtime policy's defaults, into the manifest
+        "policy": manifest_policy(),  # the runtime policy's defaults, into the manifest
         "tolerance": ctx.preset.exit_tolerance,
         "split": calib.name,
     }

@@ -11,6 +11,7 @@ every rank trains its shard, rank 0 writes.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -39,11 +40,11 @@ from polymorphd.models.data.tao import (
 )
 from polymorphd.models.nn.checkpoint import checkpoint_stem
 from polymorphd.models.nn.checkpoint import init_from as load_init
-from polymorphd.models.nn.lora import ContextAdapter
+from polymorphd.models.nn.lora import ContextAdapter, merge_
 from polymorphd.models.nn.vit import VisionTransformer
-from polymorphd.models.train import distributed, run, stages
+from polymorphd.models.train import distributed, recipe, run, stages
 from polymorphd.models.train.distributed import DistEnv
-from polymorphd.models.train.loop import Ctx, SplitData, predict
+from polymorphd.models.train.loop import Ctx, SplitData, freeze, predict
 from polymorphd.models.train.presets import Preset, get_preset
 from polymorphd.models.train.pretrain import resolve_init_from
 from polymorphd.models.train.report import build_report, render_markdown
@@ -52,7 +53,11 @@ log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.2  # share of train videos held out for calibration when there is no validation split
 # run config keys that must agree when a run is resumed
-RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from")
+RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from", "recipe")
+RECIPES = (
+    "default",
+    "polymorph",
+)  # default: the generalist fine-tuned whole; polymorph: models/train/recipe.py
 
 
 @dataclass
@@ -178,7 +183,7 @@ def load_data(
 
 
 def _config(
-    preset: Preset, data: Dataset, spec: InputSpec, seed: int, init_from: str | None
+    preset: Preset, data: Dataset, spec: InputSpec, seed: int, init_from: str | None, recipe_name: str
 ) -> dict[str, Any]:
     vit_cfg = preset.vit_config(len(data.class_ids))
     return {
@@ -194,7 +199,7 @@ def _config(
         "init_from": init_from,
         "dataset": str(data.root),
         "deployed_exit": {"kind": "slvit", "copycat": True},
-    }
+    } | ({"recipe": recipe_name} if recipe_name != "default" else {})  # old runs resume unchanged
 
 
 def _open_run(out: Path, config: dict[str, Any], env: DistEnv) -> None:
@@ -232,6 +237,7 @@ class Job:
     coverage: dict[str, float] = field(default_factory=dict)
     adapters: list[ContextAdapter] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    base: VisionTransformer | None = None  # polymorph recipe: the frozen backbone the adapters sit on
 
 
 @dataclass(frozen=True)
@@ -313,6 +319,49 @@ PIPELINE = (
 STAGES = tuple(s.name for s in PIPELINE)
 
 
+def _polymorph_generalist(job: Job) -> dict[str, Any]:
+    """The pretrained backbone frozen as the base; the generalist = base + one LoRA + head, merged into vit."""
+    vit, d = job.vit, job.data
+    notes = load_init(vit, job.init_from, num_classes=vit.cfg.num_classes) if job.init_from else []
+    job.base = copy.deepcopy(vit)
+    # the adapters' total budget: as many adapter budgets as the contexts stage will cluster contexts
+    scale = len(cluster_contexts(d.train.Y, max_size=job.ctx.preset.max_context_size))
+    adapter, res = recipe.train_generalist(job.base, d.train, d.calib, d.report, job.ctx, scale)
+    merge_(vit, adapter)
+    freeze(vit)
+    return res | {"init_notes": notes, "recipe": "polymorph"}
+
+
+def _save_polymorph_generalist(out: Path, job: Job) -> None:
+    run.save_backbone(out, job.vit)
+    assert job.base is not None
+    run.save_adapter_base(out, job.base)
+
+
+def _load_polymorph_generalist(out: Path, job: Job) -> None:
+    run.load_backbone(out, job.vit, job.ctx.env.device)
+    job.base = run.load_adapter_base(out, copy.deepcopy(job.vit), job.ctx.env.device)
+
+
+def _polymorph_adapters(job: Job) -> dict[str, Any]:
+    d = job.data
+    assert job.base is not None, "the polymorph generalist stage sets the base"
+    job.adapters, res = recipe.train_adapters(
+        job.base, job.vit, job.contexts, d.train, d.calib, d.report, job.ctx
+    )
+    return res
+
+
+# The method's setting (models/train/recipe.py): same stages, frozen base, LoRA generalist and adapters.
+POLYMORPH_PIPELINE = (
+    Stage("generalist", _polymorph_generalist, _save_polymorph_generalist, _load_polymorph_generalist),
+    *PIPELINE[1:3],
+    Stage("adapters", _polymorph_adapters, save=lambda out, job: run.save_adapters(out, job.adapters)),
+    PIPELINE[4],
+)
+PIPELINES = {"default": PIPELINE, "polymorph": POLYMORPH_PIPELINE}
+
+
 def _run_stage(
     stage: Stage, seed: int, job: Job, out: Path, stage_log: run.StageLog, result: TrainResult
 ) -> None:
@@ -345,8 +394,13 @@ def train(
     init_from: str | None = None,
     env: DistEnv | None = None,
     progress: bool = True,
+    recipe_name: str = "default",
 ) -> TrainResult:
     """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
+    if recipe_name not in PIPELINES:
+        raise ConfigError(f"unknown recipe {recipe_name!r}: choose one of {', '.join(PIPELINES)}")
+    if recipe_name == "polymorph":
+        preset = recipe.recipe_preset(preset)
     env = env or DistEnv()
     out = Path(out_dir)
     if init_from:
@@ -359,7 +413,7 @@ def train(
     preset = preset.for_frames(len(data.train.Y))
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
-    _open_run(out, _config(preset, data, spec, seed, init_from), env)
+    _open_run(out, _config(preset, data, spec, seed, init_from, recipe_name), env)
     distributed.barrier(env)
     stage_log = run.StageLog(out, write=env.is_main)
     log.info(
@@ -372,7 +426,7 @@ def train(
     ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
     job = Job(data, ctx, init_from, VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device))
     result = TrainResult(out, {})
-    for i, stage in enumerate(PIPELINE):
+    for i, stage in enumerate(PIPELINES[recipe_name]):
         _run_stage(stage, seed + i, job, out, stage_log, result)
 
     meta = {
@@ -435,6 +489,13 @@ def _summary(r: dict[str, Any], out: Path) -> list[str]:
         f"  {len(r['contexts'])} contexts, coverage k=1 {_num(r['coverage'].get('1'))}; "
         f"adapters vs generalist mAP {np.mean(gains) if gains else 0:+.4f} on average"
     )
+    rec = r.get("recipe")
+    if rec:
+        for name in ("generalist", "adapters_everywhere", "full_tail"):
+            m = rec[name]
+            lines.append(
+                f"  {name}: mAP {_num(m.get('map'))}, label F1 {_num(m.get('label_f1'))} (all classes)"
+            )
     lines.append(
         f"  wall time {r['timings']['total']:.1f} s in stages (+ {r['load_data_seconds']:.1f} s loading)"
     )
@@ -455,7 +516,10 @@ def cli_train(args: argparse.Namespace) -> int:
     init_from = resolve_init_from(args.init_from, preset.name)
     env = distributed.setup(os.environ)
     try:
-        res = train(args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env)
+        res = train(
+            args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env,
+            recipe_name=getattr(args, "recipe", "default"),
+        )  # fmt: skip
     finally:
         distributed.teardown(env)
     if env.is_main:

@@ -187,3 +187,34 @@ def test_config_dict_round_trip() -> None:
     assert validate(PolicyKnobs, cfg.model_dump()) == cfg
     with pytest.raises(ConfigError, match=r"unknown knob 'budget'; valid knobs are max_adapters, "):
         validate(PolicyKnobs, {"budget": 1})
+
+
+def test_support_drops_recent_labels_the_exit_no_longer_sees() -> None:
+    """A hand-made sequence: a scene of c4 (context 2), then a cut to c6 (context 3). Without support the
+    departed c4 keeps its adapter for keep_frames frames; with support it goes as soon as the exit drops it."""
+    frames = [_p(c4=0.9), _p(c4=0.9), _p(c6=0.9, c4=0.02), _p(c6=0.9, c4=0.02), _p(c6=0.9, c4=0.12)]
+    labels = [_mask(4), _mask(4), _mask(6), _mask(6), _mask(6)]
+
+    def run(**cfg: object) -> list[list[int]]:
+        pol = _policy(keep_frames=3, **cfg)
+        st = pol.new_state()
+        out = []
+        for p, lab in zip(frames, labels, strict=True):
+            out.append(pol.select(st, p))
+            pol.observe(st, lab)
+        return out
+
+    assert run() == [[2], [2], [2, 3], [2, 3], [2, 3]]  # v1: the recent c4 holds context 2 for 3 frames
+    # c4 at 0.02 is below support: one adapter per frame, as the frame's one true context; at 0.12 the exit
+    # still sees it a little, so its adapter comes back (support is a floor, not a switch)
+    assert run(support=0.05) == [[2], [2], [3], [3], [2, 3]]
+
+
+def test_support_keeps_a_present_label_the_exit_scores_low_but_above_support() -> None:
+    pol = _policy(keep_frames=2, support=0.05)
+    st = pol.new_state()
+    pol.select(st, _p(c0=0.9))
+    pol.observe(st, _mask(0))
+    # c0 at 0.1: below recall_threshold (0.2), so only continuity keeps it, and support allows it
+    assert pol.select(st, _p(c0=0.1)) == [0] and st.last_likely == {0}
+    assert pol.select(st, _p(c0=0.01)) == [] and st.last_reason == "empty"

@@ -220,3 +220,20 @@ def test_class_mismatch_and_bad_arguments_are_clear_errors(tiny_bundle, dataset)
         evaluate(engine, split, ["full"])
     with pytest.raises(DataError, match="split 'test' not found"):
         cli_eval(args(tiny_bundle, dataset, split="test"))
+
+
+def test_selection_compares_adapters_run_with_the_contexts_true_labels_need(tiny_bundle, dataset):
+    from polymorphd.models.core.contexts import greedy_cover
+
+    engine = load_engine(tiny_bundle, threads=1)
+    engine.set_knobs(max_adapters=3)
+    split = load_split(dataset, "validation", include_unannotated=True)
+    row = evaluate(engine, split, ["polymorph", "full"]).report["modes"]
+    poly = row["polymorph"]
+    assert row["full"]["adapters_per_tail_frame"] is None  # full runs no adapters
+    ids = [c.id for c in split.categories]
+    frames = [f for v in split.videos for f in v.frames if f.labels is not None and f.labels]
+    needed = [len(greedy_cover([ids.index(c) for c in f.labels], engine.contexts)) for f in frames]
+    assert poly["tail_frames"] <= len(split.annotated_frames())
+    assert 1 <= poly["adapters_per_tail_frame"] <= engine.knobs()["max_adapters"]
+    assert 0 <= poly["true_contexts_per_tail_frame"] <= max(needed)

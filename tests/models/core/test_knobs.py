@@ -15,6 +15,7 @@ from polymorphd.models.core.knobs import (
     ExitThreshold,
     PolicyKnobs,
     check_settings,
+    manifest_policy,
     parse_knobs,
     validate,
 )
@@ -24,8 +25,11 @@ TWO_EXITS = EngineKnobs(exit_thresholds=([0.1, 0.9], {"lo": 0.2, "hi": 0.8}))
 
 
 def test_policy_defaults_keep_the_manifest_shape():
-    # training writes exactly this into calibration.json, export copies it into the manifest's policy
-    assert PolicyKnobs().model_dump() == {
+    # training writes exactly this into calibration.json, export copies it into the manifest's policy; knobs
+    # newer than v1 (support) only when set, so daemons that predate them keep loading new bundles
+    assert manifest_policy(PolicyKnobs(support=0.05))["support"] == 0.05
+    assert PolicyKnobs().support == 0.0
+    assert manifest_policy() == {
         "max_adapters": 2,
         "recall_threshold": 0.2,
         "keep_frames": 2,

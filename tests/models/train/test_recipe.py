@@ -1,0 +1,121 @@
+"""The polymorph recipe: the base stays frozen, all-class models get the adapters' total budget, adapters see their
+context's frames and negatives from the others."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.nn.lora import merged_copy
+from polymorphd.models.nn.vit import VisionTransformer
+from polymorphd.models.train import recipe
+from polymorphd.models.train.distributed import DistEnv
+from polymorphd.models.train.loop import Ctx, SplitData
+from polymorphd.models.train.presets import get_preset
+
+
+def _split(name: str, n: int, seed: int) -> SplitData:
+    rng = np.random.default_rng(seed)
+    Y = np.zeros((n, 6), np.uint8)
+    Y[np.arange(n), rng.integers(0, 6, n)] = 1
+    images = rng.integers(0, 255, (n, 32, 32, 3), dtype=np.uint8)
+    return SplitData(name, images, Y, np.repeat(np.arange(n // 8), 8))
+
+
+@pytest.fixture
+def ctx(monkeypatch) -> Ctx:
+    monkeypatch.setattr(recipe, "EPOCH_SAMPLES", 64)
+    preset = recipe.recipe_preset(get_preset("tiny"))
+    preset = replace(preset, adapters=replace(preset.adapters, epochs=2, batch_size=32))
+    return Ctx(spec=InputSpec(size=32), preset=preset, env=DistEnv(), seed=0, progress=False)
+
+
+def test_backbone_is_unchanged_by_generalist_and_adapter_training(ctx):
+    torch.manual_seed(0)
+    base = VisionTransformer(ctx.preset.vit_config(6))
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    train, calib, report = _split("train", 96, 0), _split("validation", 32, 1), _split("test", 32, 2)
+    gen_adapter, gen = recipe.train_generalist(base, train, calib, report, ctx)
+    generalist = merged_copy(base, gen_adapter)
+    adapters, res = recipe.train_adapters(base, generalist, [[0, 1, 2], [3, 4, 5]], train, calib, report, ctx)
+    for k, v in base.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    # the LoRAs did train (B starts at zero), so a frozen base is not a no-op
+    assert any(p.abs().max() > 0 for p in gen_adapter.lora_B.values())
+    assert all(any(p.abs().max() > 0 for p in a.lora_B.values()) for a in adapters)
+    # the recipe's LoRA sits on the last block only
+    assert [n.block for n in adapters[0].param_names()] == [base.cfg.depth - 1] * 4
+    assert res["recipe"]["budget_per_adapter"] == {
+        "epochs": 2,
+        "samples_per_epoch": 64,
+        "batch_size": 32,
+        "lr": ctx.preset.adapters.lr,
+        "steps": 4,
+    }
+    rows = res["adapters"]
+    assert [r["classes"] for r in rows] == [[0, 1, 2], [3, 4, 5]]
+    for r in rows:
+        for key in ("map_generalist", "map_adapter", "map_full_tail"):
+            assert 0.0 <= r[key] <= 1.0
+    assert set(res["recipe"]) == {"generalist", "adapters_everywhere", "full_tail", "budget_per_adapter"}
+    # the all-class models get the adapters' total: the generalist as many budgets as it was told (the run
+    # passes its context count), the full-tail model one per context
+    assert gen["budget"]["steps"] == 4 and res["recipe"]["full_tail"]["budget"]["steps"] == 2 * 4
+
+
+def test_adapter_training_refuses_a_base_that_changes(ctx, monkeypatch):
+    base = VisionTransformer(ctx.preset.vit_config(6))
+    train = _split("train", 64, 0)
+    real = recipe.train_model
+
+    def sabotage(model, *args, **kwargs):
+        out = real(model, *args, **kwargs)
+        with torch.no_grad():
+            base.blocks[0].attn.qkv.weight.add_(1.0)
+        return out
+
+    monkeypatch.setattr(recipe, "train_model", sabotage)
+    with pytest.raises(RuntimeError, match=r"backbone tensor .* changed"):
+        recipe.train_adapters(base, base, [[0, 1]], train, _split("v", 32, 1), _split("t", 32, 2), ctx)
+
+
+def test_epoch_pools_have_equal_size_and_the_contexts_share_of_negatives(monkeypatch):
+    monkeypatch.setattr(recipe, "EPOCH_SAMPLES", 300)
+    Y = np.zeros((1000, 4), np.uint8)
+    Y[:50, 0] = 1  # a rare context: 50 frames, drawn with replacement
+    Y[50:, 2] = 1
+    everything = recipe.epoch_pool(Y, None, 1.0, [0])(0)
+    assert len(everything) == 300 and len(set(everything.tolist())) == 300  # no repeats when frames suffice
+    ctx0 = recipe.epoch_pool(Y, [0, 1], 1.0, [0])
+    idx = ctx0(0).numpy()
+    assert len(idx) == 300
+    pos = Y[idx][:, [0, 1]].any(axis=1)
+    assert pos.sum() == 150 and set(idx[pos]) <= set(range(50))
+    assert not np.array_equal(ctx0(1).numpy(), idx)  # fresh draws every epoch
+    # a context without training frames trains on nothing rather than on negatives only
+    assert len(recipe.epoch_pool(Y, [3], 1.0, [0])(0)) == 0
+
+
+def test_class_token_tail_equals_the_plain_tail_with_and_without_lora() -> None:
+    from polymorphd.models.nn.lora import ContextAdapter, adapter_logits
+
+    torch.manual_seed(1)
+    preset = get_preset("tiny")
+    vit = VisionTransformer(preset.vit_config(6)).eval()
+    tokens = torch.randn(5, vit.cfg.num_tokens, vit.cfg.embed_dim)
+    for blocks in (1, 2):
+        a = ContextAdapter(vit.cfg, replace(preset.lora_config(), last_blocks=blocks), head_init=vit.head)
+        with torch.no_grad():
+            for p in a.lora_B.values():
+                p.normal_(std=0.1)
+        want = adapter_logits(vit, tokens, a)
+        got = recipe.LoraTail(vit, a)(tokens)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    full = recipe.FullTail(vit, vit.cfg.depth - 2)
+    torch.testing.assert_close(
+        full(tokens), vit.forward_head(vit.forward_blocks(tokens, 2, 4)), atol=1e-5, rtol=1e-5
+    )
