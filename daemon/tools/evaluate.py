@@ -33,10 +33,13 @@ import cv2
 import numpy as np
 
 from polymorphd.daemon.engine import Engine, load_engine
+from polymorphd.models.core.countrule import count_mae
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import parse_knobs
+from polymorphd.models.core.melspec import log_mel
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.core.modes import MODES
+from polymorphd.models.data.audio import split_windows
 from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
 
 log = logging.getLogger(__name__)
@@ -50,6 +53,7 @@ LABEL_DEFINITION = (
     "empty); exact match: share of frames whose published set equals the truth"
 )
 WARMUP_FRAMES = 3
+AUDIO_SUFFIX = "+audio"  # the row of a mode run through the audiovisual exits (a bundle with audio)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class _ModeRecord:
     labels: list[list[int]] = field(default_factory=list)  # published label indices, annotated frames only
     answered: list[int | str] = field(default_factory=list)  # the exit that answered, annotated frames only
     rows: list[int] = field(default_factory=list)  # row in the truth matrix for each score
+    counts: list[tuple[float, int]] = field(default_factory=list)  # (published, true) on annotated frames
 
 
 @dataclass
@@ -128,7 +133,11 @@ def evaluate(
     annotated = [f for v in videos for f in v.frames if f.labels is not None]
     truth_row = {id(f): i for i, f in enumerate(annotated)}
     Y_all = split.multi_hot(annotated, ids, ignore_unknown=True)
-    records = {m: _ModeRecord(m) for m in modes}
+    # a bundle with audio exits on a split with audio: each mode with exits is also run hearing the audio,
+    # recorded as "<mode>+audio" beside the visual one (the same frames, the same engine)
+    tracks = split.audio_tracks() if engine.mel is not None else {}
+    names = [*modes, *(f"{m}{AUDIO_SUFFIX}" for m in modes if m != "full" and tracks)]
+    records = {m: _ModeRecord(m) for m in names}
     previous_mode = engine.mode
     bar = _bar(budget * len(modes), progress)
     try:
@@ -139,10 +148,14 @@ def evaluate(
             if not frames:
                 break
             images = [_read(f) for f in frames]
-            order = list(modes[vi % len(modes) :]) + list(modes[: vi % len(modes)])
+            mels = _mels(engine, tracks, frames) if video.id in tracks else None
+            order = list(names[vi % len(names) :]) + list(names[: vi % len(names)])
             for m in order:
-                engine.set_knobs(mode=m)
-                _run_video(engine, frames, images, records[m], truth_row)
+                audio = m.endswith(AUDIO_SUFFIX)
+                if audio and mels is None:
+                    continue  # a video without a sound track: the audio row skips it
+                engine.set_knobs(mode=m.removesuffix(AUDIO_SUFFIX))
+                _run_video(engine, frames, images, records[m], truth_row, mels if audio else None)
                 bar.update(len(frames))
             done += len(frames)
     finally:
@@ -186,10 +199,26 @@ def _warm_up(engine: Engine, videos: list, modes: list[str] | tuple[str, ...]) -
             engine.infer(img, state)
 
 
-def _run_video(engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict[int, int]) -> None:
+def _mels(engine: Engine, tracks: dict[int, Any], frames: list[Frame]) -> np.ndarray:
+    """(F, n_mels, frames) log-mel windows of a video's frames, as the daemon computes them (numpy)."""
+    mel = engine.mel
+    assert mel is not None
+    return log_mel(split_windows(tracks, frames, mel.samples), mel)
+
+
+def _run_video(
+    engine: Engine,
+    frames,
+    images,
+    rec: _ModeRecord,
+    truth_row: dict[int, int],
+    mels: np.ndarray | None = None,
+) -> None:
     state = engine.new_state()  # the policy's memory never crosses videos
-    for f, img in zip(frames, images, strict=True):
-        r = engine.infer(img, state)
+    for i, (f, img) in enumerate(zip(frames, images, strict=True)):
+        r = engine.infer(img, state) if mels is None else engine.infer(img, state, mels[i : i + 1])
+        if f.labels is not None and r.count is not None and f.count is not None:
+            rec.counts.append((r.count, f.count))
         rec.latency.append(r.preprocess_ms + r.inference_ms)
         rec.preprocess.append(r.preprocess_ms)
         rec.overhead.append(r.overhead_ms)
@@ -225,6 +254,11 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
         "per_class_ap": {name: _num(ap) for name, ap in zip(engine.classes, per_class, strict=True)},
         "exit_rate": {str(k): rec.exits.get(k, 0) / n for k in keys},
         "adapters_per_frame": float(np.mean(rec.adapters)),
+        **(
+            {"count_mae": _num(count_mae(*map(np.array, zip(*rec.counts, strict=True))))}
+            if rec.counts
+            else {}
+        ),
         "gflops_per_frame": _num(float(np.mean(rec.gflops))),
         "latency_ms": {
             "mean": float(lat.mean()),
@@ -323,13 +357,17 @@ def format_by_exit(report: dict[str, Any]) -> str:
 
 def format_footer(report: dict[str, Any]) -> str:
     over = ", ".join(f"{m} {r['overhead_ms_median']:.3f}" for m, r in report["modes"].items())
+    counts = ", ".join(
+        f"{m} {r['count_mae']:.3f}" for m, r in report["modes"].items() if r.get("count_mae") is not None
+    )
     return (
         f"{report['bundle']} on {report['data']} [{report['split']}]: {report['frames']} frames per mode "
         f"({report['annotated_frames']} annotated, {report['videos']} videos), {report['threads']} threads, "
         f"{', '.join(report['providers'])}\n"
         f"{format_by_exit(report)}\n"
         f"engine overhead outside ORT, median ms: {over}\n"
-        f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
+        + (f"count MAE (objects per annotated frame): {counts}\n" if counts else "")
+        + f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
         f"label F1: {report['label_definition']}"
         + (f"\nknobs set: {json.dumps(report['knobs'])}" if report.get("knobs") else "")
     )

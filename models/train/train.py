@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from polymorphd.models.nn.checkpoint import checkpoint_stem
 from polymorphd.models.nn.checkpoint import init_from as load_init
 from polymorphd.models.nn.lora import ContextAdapter
 from polymorphd.models.nn.vit import VisionTransformer
-from polymorphd.models.train import distributed, run, stages
+from polymorphd.models.train import avexits, distributed, run, stages
 from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx, SplitData, predict
 from polymorphd.models.train.presets import Preset, get_preset
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.2  # share of train videos held out for calibration when there is no validation split
 # run config keys that must agree when a run is resumed
-RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from")
+RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from", "audio")
 
 
 @dataclass
@@ -232,6 +232,8 @@ class Job:
     coverage: dict[str, float] = field(default_factory=dict)
     adapters: list[ContextAdapter] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
+    mel: MelConfig | None = None  # train --audio: the audio front end of the audiovisual exits
+    av: tuple[Any, ...] = ()  # the avexits stage's (exits, calibrations, final count head)
 
 
 @dataclass(frozen=True)
@@ -313,6 +315,20 @@ PIPELINE = (
 STAGES = tuple(s.name for s in PIPELINE)
 
 
+def _avexits(job: Job) -> dict[str, Any]:
+    """train --audio: audiovisual exits with count heads beside the deployed visual ones (models/train/avexits)."""
+    assert job.mel is not None
+    d = job.data
+    exits, cals, final, measured = avexits.train_deployed(
+        job.vit, d.train, d.calib, d.report, job.ctx, job.mel
+    )
+    job.av = (exits, cals, final)
+    return measured
+
+
+AUDIO_STAGE = Stage("avexits", _avexits, save=lambda out, job: run.save_avexits(out, job.mel, *job.av))
+
+
 def _run_stage(
     stage: Stage, seed: int, job: Job, out: Path, stage_log: run.StageLog, result: TrainResult
 ) -> None:
@@ -345,6 +361,7 @@ def train(
     init_from: str | None = None,
     env: DistEnv | None = None,
     progress: bool = True,
+    audio: bool = False,
 ) -> TrainResult:
     """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
     env = env or DistEnv()
@@ -355,11 +372,15 @@ def train(
         if preset.stem != stem:
             preset = replace(preset, stem=stem)
     t0 = time.perf_counter()
-    data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
+    mel = MelConfig() if audio else None
+    data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main, audio=mel)
     preset = preset.for_frames(len(data.train.Y))
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
-    _open_run(out, _config(preset, data, spec, seed, init_from), env)
+    config = _config(preset, data, spec, seed, init_from)
+    if mel is not None:  # only then: a run without audio keeps today's config
+        config["audio"] = asdict(mel)
+    _open_run(out, config, env)
     distributed.barrier(env)
     stage_log = run.StageLog(out, write=env.is_main)
     log.info(
@@ -371,8 +392,9 @@ def train(
     torch.manual_seed(seed)
     ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
     job = Job(data, ctx, init_from, VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device))
+    job.mel = mel
     result = TrainResult(out, {})
-    for i, stage in enumerate(PIPELINE):
+    for i, stage in enumerate((*PIPELINE, AUDIO_STAGE) if audio else PIPELINE):
         _run_stage(stage, seed + i, job, out, stage_log, result)
 
     meta = {
@@ -400,6 +422,8 @@ def train(
         preset=preset,
         generalist_labels=generalist_labels(job, stage_log.records["calibration"]["result"]),
     )
+    if audio:  # the audiovisual exits beside their visual twins, on the report split (avexits.measure)
+        result.report["audio"] = stage_log.records[AUDIO_STAGE.name]["result"]
     if env.is_main:
         run.save_report(out, result.report, render_markdown(result.report))
     log.info(
@@ -455,7 +479,10 @@ def cli_train(args: argparse.Namespace) -> int:
     init_from = resolve_init_from(args.init_from, preset.name)
     env = distributed.setup(os.environ)
     try:
-        res = train(args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env)
+        res = train(
+            args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env,
+            audio=getattr(args, "audio", False),
+        )  # fmt: skip
     finally:
         distributed.teardown(env)
     if env.is_main:
