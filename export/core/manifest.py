@@ -230,9 +230,11 @@ def _check_audio(m: Manifest, source: str) -> None:
             raise BundleError(
                 f"{source}: audio exit {e.file} threshold {e.threshold} needs 0 <= lo <= hi <= 1"
             )
-        if not (isinstance(e.count_margin, float | int) and 0 <= e.count_margin <= 0.5):
+        margin = e.count_margin
+        number = isinstance(margin, float | int) and not isinstance(margin, bool)
+        if not (number and (margin == -1 or 0 <= margin <= 0.5)):
             raise BundleError(
-                f"{source}: audio exit {e.file} count_margin {e.count_margin!r} must be in [0, 0.5]"
+                f"{source}: audio exit {e.file} count_margin {margin!r} must be in [0, 0.5] or -1 (never answers)"
             )
 
 

@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 
 HELDOUT_FRACTION = 0.2  # share of train videos held out for calibration when there is no validation split
 # run config keys that must agree when a run is resumed
-RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from", "audio")
+RESUME_KEYS = ("preset_config", "vit", "lora", "exits", "input", "class_ids", "seed", "init_from")
 
 
 @dataclass
@@ -377,10 +377,9 @@ def train(
     preset = preset.for_frames(len(data.train.Y))
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
-    config = _config(preset, data, spec, seed, init_from)
-    if mel is not None:  # only then: a run without audio keeps today's config
-        config["audio"] = asdict(mel)
-    _open_run(out, config, env)
+    # audio adds a stage and its own self-describing file (avexits.pt), not a config key: so a finished run
+    # resumed with --audio (on the same frames with sound) only trains the audiovisual exits
+    _open_run(out, _config(preset, data, spec, seed, init_from), env)
     distributed.barrier(env)
     stage_log = run.StageLog(out, write=env.is_main)
     log.info(

@@ -36,7 +36,9 @@ def av(tmp_path_factory) -> dict[str, Path]:
         scene_length=(6, 12),
     )  # fmt: skip
     data = write_dataset(root / "data", cfg, (4, 2, 2), progress=False, audio=AudioConfig())
-    train(data, root / "run", get_preset("tiny"), seed=3, progress=False, audio=True)
+    train(data, root / "run", get_preset("tiny"), seed=3, progress=False)
+    visual_only = sorted(p.name for p in (root / "run").iterdir())
+    resumed = train(data, root / "run", get_preset("tiny"), seed=3, progress=False, audio=True)
     bundle = export_bundle(root / "run", root / "bundle", bench_runs=1, progress=False)
     video = json.loads((data / "annotations" / "test.json").read_text())["videos"][0]
     return {
@@ -44,11 +46,16 @@ def av(tmp_path_factory) -> dict[str, Path]:
         "run": root / "run",
         "bundle": bundle,
         "wav": data / "frames" / video["audio"]["file_name"],
+        "visual_only": visual_only,
+        "resumed": resumed,
     }
 
 
 def test_train_audio_saves_calibrated_audiovisual_exits_and_reports_them(av):
-    from polymorphd.models.train.run import load_run
+    from polymorphd.models.train.run import AVEXITS, load_run
+
+    assert AVEXITS not in av["visual_only"]  # a run without --audio is as before
+    assert av["resumed"].ran == ["avexits"]  # --audio on a finished run trains only the audiovisual exits
 
     run = load_run(av["run"])
     assert run.avexits is not None
