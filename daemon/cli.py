@@ -128,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    t.add_argument(
+        "--audio",
+        action="store_true",
+        help="the dataset has audio (data synth --audio): also train audiovisual exits with count heads",
+    )
 
     e = sub.add_parser("export", help="export a training run to an ONNX bundle")
     e.add_argument("--run", required=True, help="training run directory")
@@ -226,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--camera", default=None, help="camera name used in topics")
     sv.add_argument("--mode", choices=MODES, default=None)
     sv.add_argument("--fps", type=float, default=None, help="source rate limit (0: unlimited)")
+    sv.add_argument(
+        "--audio", default=None, help="audio source for a bundle with audio exits: wav:PATH or alsa:DEVICE"
+    )
     sv.add_argument("--validate-config", action="store_true", help="check the config and exit")
 
     su = sub.add_parser("subscribe", help="print the label stream as JSON lines")

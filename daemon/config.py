@@ -99,6 +99,17 @@ class DaemonConfig(_Model):
         0.0, ge=0, description="read at most this many frames per second (0 = unlimited)"
     )
     loop: bool = Field(False, description="restart a video file at its end instead of ending the source")
+    audio: str | None = Field(
+        None,
+        pattern=r"^(wav:.+|alsa:.*)$",
+        description="audio beside the camera (wav:PATH or alsa:DEVICE) for a bundle with audio exits; "
+        "None: visual exits only, as without audio. A failing audio source falls back to the visual exits",
+    )
+    audio_fps: float = Field(
+        10.0,
+        gt=0,
+        description="wav: sources: the video's frame rate; frame i's audio window ends at (i+1)/fps",
+    )
     drop_policy: Literal["drop-oldest", "block"] = Field(
         "drop-oldest", description="when inference is slower than capture: replace the unread frame, or wait"
     )
@@ -303,6 +314,7 @@ def overrides_from_args(args: Any) -> dict[str, Any]:
         "camera": getattr(args, "camera", None),
         "mode": getattr(args, "mode", None),
         "source_fps": getattr(args, "fps", None),
+        "audio": getattr(args, "audio", None),
     }
 
 

@@ -22,11 +22,12 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank, read_adapter_file
 from polymorphd.daemon.graphs import Clock, Trunk
-from polymorphd.daemon.modes import MergedTails, Pipeline
+from polymorphd.daemon.modes import AudioExits, MergedTails, Pipeline
 from polymorphd.daemon.policy import ContextPolicy
 from polymorphd.export.core.verify import verify_bundle
 from polymorphd.models.core.errors import BundleError, ConfigError
 from polymorphd.models.core.knobs import EngineKnobs, PolicyKnobs, validate
+from polymorphd.models.core.melspec import MelConfig
 from polymorphd.models.core.modes import MODES, Mode
 from polymorphd.models.core.preprocess import InputSpec, preprocess
 
@@ -49,6 +50,7 @@ class FrameResult:
     overhead_ms: float = 0.0  # inference_ms - ort_ms: the engine's own Python/numpy work
     gflops: float = 0.0  # of what actually ran (manifest gflops)
     mode: str = "polymorph"
+    count: float | None = None  # objects in the frame (audiovisual exits, when a mel window was given)
 
 
 @dataclass
@@ -148,8 +150,19 @@ class Engine:
         policy = ContextPolicy(self.contexts, k, self._knobs.policy())
         lo, hi = _exit_arrays(self._knobs)
         centred = [bool(e.get("centred", False)) for e in exits]
+        audio = base.get("audio")
+        self.mel: MelConfig | None = MelConfig(**audio["mel"]) if audio else None
+        av = (
+            AudioExits(
+                np.array([e["threshold"]["lo"] for e in audio["exits"]], dtype=np.float64),
+                np.array([e["threshold"]["hi"] for e in audio["exits"]], dtype=np.float64),
+                np.array([e["count_margin"] for e in audio["exits"]], dtype=np.float64),
+            )
+            if audio
+            else None
+        )
         self._pipe = Pipeline(
-            trunk, self.bank, policy, class_thr, lo, hi, base.get("gflops", {}), None, centred
+            trunk, self.bank, policy, class_thr, lo, hi, base.get("gflops", {}), None, centred, av
         )
         self._overrides: dict[str, Any] = {}
         self._clock = Clock()
@@ -177,8 +190,12 @@ class Engine:
         """Fresh per-stream policy state (a new video, a new camera, or after a swap)."""
         return StreamState(self._pipe.policy.new_state(), engine_id=id(self))
 
-    def infer(self, frame_bgr: np.ndarray, state: StreamState | None = None) -> FrameResult:
-        """One HxWx3 uint8 BGR frame through the current mode; ValueError for a frame of the wrong shape."""
+    def infer(
+        self, frame_bgr: np.ndarray, state: StreamState | None = None, mel: np.ndarray | None = None
+    ) -> FrameResult:
+        """One HxWx3 uint8 BGR frame through the current mode; ValueError for a frame of the wrong shape.
+        ``mel``: the frame's log-mel window (1, n_mels, frames) from ``self.mel``'s front end; with it a bundle
+        with audio exits answers through them and reports the count (ignored by a bundle without)."""
         if self._closed:
             raise RuntimeError(f"engine {self.bundle_id} is closed")
         if state is None:
@@ -193,7 +210,7 @@ class Engine:
         clock = self._clock
         clock.ort_ns = 0
         mode = self._knobs.mode
-        out = self._pipe.run(mode, x, state.policy, clock)
+        out = self._pipe.run(mode, x, state.policy, clock, mel if self.mel is not None else None)
         self._pipe.policy.observe(state.policy, out.labels)
         state.frames += 1
         labels = np.flatnonzero(out.labels).tolist()
@@ -214,6 +231,7 @@ class Engine:
             overhead_ms=inference - ort_ms,
             gflops=out.gflops,
             mode=mode,
+            count=out.count,
         )
 
     # -- knobs ----------------------------------------------------------------------------------------------

@@ -85,6 +85,13 @@ class Graph:
         clock.ort_ns += time.perf_counter_ns() - t0
         return out
 
+    def run_all(self, feed: Mapping[str, np.ndarray], clock: Clock) -> list[np.ndarray]:
+        """Every output, in ``outputs`` order (the audiovisual exits answer probs and count)."""
+        t0 = time.perf_counter_ns()
+        out = self.session.run(self.outputs, feed)
+        clock.ort_ns += time.perf_counter_ns() - t0
+        return out
+
 
 def open_graph(
     root: Path,
@@ -94,6 +101,7 @@ def open_graph(
     *,
     inputs: Sequence[str],
     output: str | None = "probs",
+    outputs: Sequence[str] | None = None,
 ) -> Graph:
     """Open ``root/file``; the graph must have the ``inputs`` the bundle contract names and one output."""
     path = root / file
@@ -109,6 +117,12 @@ def open_graph(
             "(see docs/bundle.md; re-export the bundle)"
         )
     outs = [o.name for o in sess.get_outputs()]
+    if outputs is not None:
+        if outs != list(outputs):
+            raise BundleError(
+                f"{path}: expected outputs {list(outputs)}, the graph has {outs} (see docs/bundle.md)"
+            )
+        return Graph(file, sess, names, outs, {i.name: list(i.shape) for i in sess.get_inputs()})
     # ONNX forbids an output named like an input, so a later segment's output may be "tokens_out"
     if len(outs) != 1 or (output is not None and outs[0] != output):
         raise BundleError(
@@ -144,6 +158,14 @@ class Trunk:
         self.tail_weights = (
             open_graph(root, tw, opts, self.providers, inputs=["tokens", "head_w", "head_b"]) if tw else None
         )
+        audio = manifest.get("audio")
+        # the audiovisual exits, one beside each visual exit (manifest checks the positions); [] without audio
+        self.av_exits = [
+            open_graph(
+                root, e["file"], opts, self.providers, inputs=["tokens", "mel"], outputs=["probs", "count"]
+            )
+            for e in (audio["exits"] if audio else [])
+        ]
         self.exit_after = _exit_positions(manifest)
         self.session_providers = self.segments[0].session.get_providers()
         log.info(

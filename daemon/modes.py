@@ -33,6 +33,7 @@ import numpy as np
 
 from polymorphd.daemon.adapters import AdapterBank
 from polymorphd.daemon.graphs import Clock, Trunk
+from polymorphd.models.core.countrule import count_decides
 from polymorphd.models.core.exitrule import THRESHOLD_EPS, exit_decides
 from polymorphd.models.core.modes import Mode
 
@@ -46,6 +47,16 @@ class Outcome:
     exit: int | Literal["final"]
     chosen: list[int]  # context indices whose adapters ran
     gflops: float
+    count: float | None = None  # objects in the frame: the answering (else last) audiovisual exit's count
+
+
+@dataclass(slots=True)
+class AudioExits:
+    """The calibrated rule of the bundle's audiovisual exits (manifest ``audio``), one entry per exit."""
+
+    lo: np.ndarray
+    hi: np.ndarray
+    margin: np.ndarray  # count rule: |count - round(count)| <= margin
 
 
 def _blas_one_thread() -> contextlib.AbstractContextManager:
@@ -115,8 +126,10 @@ class Pipeline:
         gflops: dict[str, Any],
         merged: MergedTails | None,
         centred: Sequence[bool] = (),
+        audio: AudioExits | None = None,
     ) -> None:
         self.trunk, self.bank, self.policy, self.merged = trunk, bank, policy, merged
+        self.audio = audio
         self.class_thr = class_thresholds
         self.lo, self.hi = lo, hi
         self.centred = [bool(c) for c in centred] or [False] * len(trunk.exits)
@@ -133,14 +146,35 @@ class Pipeline:
         self._no_exit = np.zeros(len(class_thresholds), dtype=np.float32)
         self._last_exit: np.ndarray | None = None
         self._last_j = 0
+        self._count: float | None = None
+        self._av_walk = False
         t = np.clip(np.asarray(class_thresholds, dtype=np.float64), THRESHOLD_EPS, 1.0 - THRESHOLD_EPS)
         self._odds = (t / (1.0 - t)).astype(np.float32)  # for _final_scale
 
-    def run(self, mode: str, x: np.ndarray, pstate: Any, clock: Clock) -> Outcome:
+    def run(
+        self, mode: str, x: np.ndarray, pstate: Any, clock: Clock, mel: np.ndarray | None = None
+    ) -> Outcome:
+        """One frame; ``mel`` (1, n_mels, frames): its log-mel window, which switches the exits to the
+        audiovisual ones (the bundle must have them) and adds the count."""
         exits = mode != "full"
-        tokens, j, p, gf = self._walk(x, clock, exits)
+        self._count = None
+        self._av_walk = mel is not None and exits and self.audio is not None
+        if self._av_walk:
+            tokens, j, p, gf = self._walk_av(x, mel, clock)
+            hi = self.audio.hi
+        else:
+            tokens, j, p, gf = self._walk(x, clock, exits)
+            hi = self.hi
+        out = self._answer(mode, x, tokens, j, p, gf, hi, pstate, clock)
+        out.count = self._count
+        return out
+
+    def _answer(
+        self, mode: str, x: np.ndarray, tokens: np.ndarray, j: int | None, p: Any, gf: float, hi: np.ndarray,
+        pstate: Any, clock: Clock,
+    ) -> Outcome:  # fmt: skip
         if j is not None:  # an exit decided
-            return Outcome(self._final_scale(p, j), p > self.hi[j], j, [], gf)
+            return Outcome(self._final_scale(p, j), p > hi[j], j, [], gf)
         if mode in CONTEXT_MODES:
             # the policy reads the exit's own scale (recall_threshold relative to each class's threshold)
             scores = self._last_exit if self._last_exit is not None else self._no_exit
@@ -179,13 +213,40 @@ class Pipeline:
                     return t, j, p, gf
         return t, None, None, gf
 
+    def _walk_av(
+        self, x: np.ndarray, mel: np.ndarray, clock: Clock
+    ) -> tuple[np.ndarray, int | None, Any, float]:
+        """As ``_walk`` through the audiovisual exits: an exit answers when its labels (lo, hi) and its count
+        (margin) are both decided; the count of the deciding, else the last, exit is kept in ``_count``."""
+        assert self.audio is not None
+        t, gf = x, 0.0
+        self._last_exit = None
+        after = self.trunk.exit_after
+        for i, seg in enumerate(self.trunk.segments):
+            feed = self._seg_feeds[i]
+            feed[seg.inputs[0]] = t
+            t = seg.run(feed, clock)
+            gf += self.gf_seg[i]
+            j = after[i]
+            if j is not None:
+                probs, count = self.trunk.av_exits[j].run_all({"tokens": t, "mel": mel}, clock)
+                p, c = probs[0], float(count[0])
+                gf += self.gf_exit[j]  # the visual exit's cost: the audio tokens add about half (docs)
+                self._last_exit, self._last_j, self._count = p, j, max(c, 0.0)
+                a = self.audio
+                if exit_decides(p, a.lo[j], a.hi[j]) and count_decides(c, float(a.margin[j])):
+                    return t, j, p, gf
+        return t, None, None, gf
+
     def _final_scale(self, p: np.ndarray, j: int) -> np.ndarray:
         """Exit j's probabilities on the final classifier's scale (unchanged for an uncentred exit).
 
         sigmoid(logit(p) + logit(t)) written with odds, p·a / (p·a + 1 - p) with a = t / (1 - t): three
         float32 operations, exact at p = 0 and 1 (the log form cost 0.08 ms per frame).
         """
-        if not self.centred[j]:
+        if not (
+            self.centred[j] or self._av_walk
+        ):  # audiovisual exits are always centred (export folds offsets)
             return p
         num = p * self._odds
         return num / (num + (1.0 - p))

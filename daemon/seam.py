@@ -13,6 +13,7 @@ ONNX Runtime too: the engine module is imported by the factory, when a bundle is
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from polymorphd.daemon.config import DaemonConfig
 from polymorphd.models.core.errors import BundleError, PolymorphError
+from polymorphd.models.core.melspec import LOG_FLOOR
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class Engine(Protocol):
 
     ``new_state`` returns per-stream state that only the engine reads: the daemon hands it back to
     ``infer`` and makes a fresh one after every swap or rollback.
+
+    Audio (optional, read with ``getattr``): an engine whose bundle has audio exits has ``mel`` (its
+    ``MelConfig``), takes ``infer(frame, state, mel_window)`` and answers with ``count``; engines without
+    audio need none of it, and the daemon calls them exactly as before.
     """
 
     bundle_id: str  # "<bundle_id>@<version>", as published in every label message
@@ -124,6 +130,11 @@ class EngineSlot:
             state, rng = new.new_state(), np.random.default_rng(0)
             for _ in range(cfg.warmup_runs):  # noise, not black: later exits and adapters get exercised too
                 new.infer(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), state)
+            mel = getattr(new, "mel", None) if cfg.audio else None
+            if mel is not None:  # the audiovisual exits too (silence), so their first frame is not slow
+                quiet = np.full((1, mel.n_mels, mel.frames), math.log(LOG_FLOOR), dtype=np.float32)
+                for _ in range(cfg.warmup_runs):
+                    new.infer(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8), state, quiet)
         except BaseException:
             new.close()
             raise

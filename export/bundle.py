@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +26,13 @@ import torch
 from tqdm import tqdm
 
 from polymorphd.export.core.manifest import (
+    AUDIO_SCHEMA_VERSION,
     MANIFEST,
     REPORT,
     SIGNATURE,
     AdapterEntry,
+    AudioBlock,
+    AudioExitEntry,
     ContextEntry,
     ExitEntry,
     Manifest,
@@ -266,6 +270,18 @@ def _manifest(
         export=export,
         files={},
     )
+    if full and run.avexits is not None:  # schema_version 2: docs/bundle.md "Audio"
+        m.schema_version = AUDIO_SCHEMA_VERSION
+        m.audio = AudioBlock(
+            mel=asdict(run.avexits.mel),
+            exits=[
+                AudioExitEntry(
+                    ex.cfg.after_block, f"av_exit_{i}.onnx", {"lo": float(c["lo"]), "hi": float(c["hi"])},
+                    float(c["count_margin"]),
+                )
+                for i, (ex, c) in enumerate(zip(run.avexits.exits, run.avexits.calibration, strict=True))
+            ],
+        )  # fmt: skip
     if len(run.adapters) != len(run.contexts):
         raise CheckpointError(f"{run.path}: {len(run.adapters)} adapters for {len(run.contexts)} contexts")
     assert base_files(m) == ([*segments, *tails.values()] if full else [])

@@ -9,7 +9,7 @@ names, its dynamic dims and how to make random inputs for it, which ``export.onn
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -176,7 +176,20 @@ def plan_graphs(run: Run) -> list[GraphSpec]:
             weights_make,
         )
     )
+    if run.avexits is not None:
+        specs += audio_exit_graphs(run)
     return specs
+
+
+def audio_exit_graphs(run: Run) -> list[GraphSpec]:
+    """A bundle's audiovisual exits, ``av_exit_i`` (tokens, mel -> probs, count): the exit graphs of
+    ``audio_graphs`` only. The daemon computes the log-mel in numpy (faster than the ``mel`` graph,
+    bench/results/audio_frontend.json) and answers the final's count from the last exit, so neither the mel
+    front end nor the final count head (a second generalist tail per frame) goes into the bundle."""
+    av = run.avexits
+    assert av is not None
+    specs = audio_graphs(run.vit, av.exits, av.final_count, tail_start(run.vit_config, run.lora), av.mel)
+    return [replace(s, name=f"av_{s.name}") for s in specs if s.name.startswith("exit_")]
 
 
 def audio_graphs(

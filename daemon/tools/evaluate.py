@@ -36,10 +36,13 @@ import numpy as np
 
 from polymorphd.daemon.engine import Engine, load_engine
 from polymorphd.models.core.contexts import greedy_cover
+from polymorphd.models.core.countrule import count_mae
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import PolicyKnobs, parse_knobs
+from polymorphd.models.core.melspec import log_mel
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.core.modes import MODES
+from polymorphd.models.data.audio import split_windows
 from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
 
 log = logging.getLogger(__name__)
@@ -53,6 +56,7 @@ LABEL_DEFINITION = (
     "empty); exact match: share of frames whose published set equals the truth"
 )
 WARMUP_FRAMES = 3
+AUDIO_SUFFIX = "+audio"  # the row of a mode run through the audiovisual exits (a bundle with audio)
 
 
 @dataclass
@@ -75,6 +79,7 @@ class _ModeRecord:
     decisions: list[tuple[int | str, tuple[int, ...]]] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)
     ann_adapters: list[int] = field(default_factory=list)  # adapters run, annotated frames only
+    counts: list[tuple[float, int]] = field(default_factory=list)  # (published, true) on annotated frames
 
 
 @dataclass
@@ -154,8 +159,15 @@ def evaluate(
     settings = {name: {**base, **knobs} for name, knobs in points.items()}
     for s in settings.values():  # every point checked before minutes of streaming
         engine.set_knobs(**s)
-    names = list(points)
-    records = {n: _ModeRecord(points[n]["mode"], knobs=dict(points[n])) for n in names}
+    # a bundle with audio exits on a split with audio: each point with exits is also run hearing the audio,
+    # recorded as "<name>+audio" beside the visual one (the same frames, the same engine, the same knobs)
+    tracks = split.audio_tracks() if engine.mel is not None else {}
+    heard = [f"{n}{AUDIO_SUFFIX}" for n, k in points.items() if k["mode"] != "full" and tracks]
+    settings |= {h: settings[h.removesuffix(AUDIO_SUFFIX)] for h in heard}
+    names = [*points, *heard]
+    records = {
+        n: _ModeRecord(settings[n]["mode"], knobs=dict(points[n.removesuffix(AUDIO_SUFFIX)])) for n in names
+    }
     bar = _bar(budget * len(names), progress)
     try:
         _warm_up(engine, videos, [settings[n] for n in names])
@@ -165,10 +177,14 @@ def evaluate(
             if not frames:
                 break
             images = [_read(f) for f in frames]
+            mels = _mels(engine, tracks, frames) if video.id in tracks else None
             order = names[vi % len(names) :] + names[: vi % len(names)]
             for n in order:
+                audio = n.endswith(AUDIO_SUFFIX)
+                if audio and mels is None:
+                    continue  # a video without a sound track: the audio row skips it
                 engine.set_knobs(**settings[n])
-                _run_video(engine, frames, images, records[n], truth_row, meter)
+                _run_video(engine, frames, images, records[n], truth_row, meter, mels if audio else None)
                 bar.update(len(frames))
             done += len(frames)
     finally:
@@ -212,19 +228,34 @@ def _warm_up(engine: Engine, videos: list, settings: list[dict[str, Any]]) -> No
             engine.infer(img, state)
 
 
+def _mels(engine: Engine, tracks: dict[int, Any], frames: list[Frame]) -> np.ndarray:
+    """(F, n_mels, frames) log-mel windows of a video's frames, as the daemon computes them (numpy)."""
+    mel = engine.mel
+    assert mel is not None
+    return log_mel(split_windows(tracks, frames, mel.samples), mel)
+
+
 def _run_video(
-    engine: Engine, frames, images, rec: _ModeRecord, truth_row: dict[int, int], meter: Any = None
+    engine: Engine,
+    frames,
+    images,
+    rec: _ModeRecord,
+    truth_row: dict[int, int],
+    meter: Any = None,
+    mels: np.ndarray | None = None,
 ) -> None:
     state = engine.new_state()  # the policy's memory never crosses videos
-    for f, img in zip(frames, images, strict=True):
+    for i, (f, img) in enumerate(zip(frames, images, strict=True)):
         if meter is not None:
             meter.sample()
         c0 = time.process_time_ns()
-        r = engine.infer(img, state)
+        r = engine.infer(img, state) if mels is None else engine.infer(img, state, mels[i : i + 1])
         rec.cpu.append((time.process_time_ns() - c0) / 1e6)
         if meter is not None:
             rec.energy.append(meter.energy_mj(r.infer_t0_ns, r.infer_t1_ns))
         rec.decisions.append((r.exit, tuple(r.adapters)))
+        if f.labels is not None and r.count is not None and f.count is not None:
+            rec.counts.append((r.count, f.count))
         rec.latency.append(r.preprocess_ms + r.inference_ms)
         rec.preprocess.append(r.preprocess_ms)
         rec.overhead.append(r.overhead_ms)
@@ -278,6 +309,11 @@ def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str,
         "exit_rate": {str(k): rec.exits.get(k, 0) / n for k in keys},
         "adapters_per_frame": float(np.mean(rec.adapters)),
         **_selection(engine, rec, Y_all),
+        **(
+            {"count_mae": _num(count_mae(*map(np.array, zip(*rec.counts, strict=True))))}
+            if rec.counts
+            else {}
+        ),
         "gflops_per_frame": _num(float(np.mean(rec.gflops))),
         "latency_ms": {
             "mean": float(lat.mean()),
@@ -383,13 +419,17 @@ def format_by_exit(report: dict[str, Any]) -> str:
 
 def format_footer(report: dict[str, Any]) -> str:
     over = ", ".join(f"{m} {r['overhead_ms_median']:.3f}" for m, r in report["modes"].items())
+    counts = ", ".join(
+        f"{m} {r['count_mae']:.3f}" for m, r in report["modes"].items() if r.get("count_mae") is not None
+    )
     return (
         f"{report['bundle']} on {report['data']} [{report['split']}]: {report['frames']} frames per mode "
         f"({report['annotated_frames']} annotated, {report['videos']} videos), {report['threads']} threads, "
         f"{', '.join(report['providers'])}\n"
         f"{format_by_exit(report)}\n"
         f"engine overhead outside ORT, median ms: {over}\n"
-        f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
+        + (f"count MAE (objects per annotated frame): {counts}\n" if counts else "")
+        + f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
         f"label F1: {report['label_definition']}"
         + (f"\nknobs set: {json.dumps(report['knobs'])}" if report.get("knobs") else "")
     )

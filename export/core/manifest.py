@@ -15,8 +15,11 @@ from typing import Any, Literal
 
 from polymorphd.models.core.errors import BundleError
 from polymorphd.models.core.lora_targets import TARGETS, target_dims
+from polymorphd.models.core.melspec import MelConfig
 
 SCHEMA_VERSION = 1
+AUDIO_SCHEMA_VERSION = 2  # a bundle with an ``audio`` block: older polymorphd refuse it by its version
+READS = (SCHEMA_VERSION, AUDIO_SCHEMA_VERSION)
 MANIFEST = "manifest.json"
 SIGNATURE = "manifest.sig"
 REPORT = "export_report.json"
@@ -53,6 +56,27 @@ class AdapterEntry:
 
 
 @dataclass
+class AudioExitEntry:
+    """An audiovisual exit (docs/bundle.md "Audio"): (tokens, mel) -> (probs, count), beside the visual exit
+    at the same block; it answers when the label rule (lo, hi) and the count rule (count_margin) both hold."""
+
+    after_block: int
+    file: str
+    threshold: dict[str, float]  # {"lo": .., "hi": ..}
+    count_margin: float
+    centred: bool = True
+
+
+@dataclass
+class AudioBlock:
+    """The optional ``audio`` block (schema_version 2): the log-mel front end the daemon computes (numpy) and
+    the audiovisual exits that read it."""
+
+    mel: dict[str, Any]  # models/core/melspec.MelConfig fields
+    exits: list[AudioExitEntry]
+
+
+@dataclass
 class Manifest:
     """manifest.json as a dataclass. A full bundle fills every field; an adapter bundle (kind "adapters")
     leaves the graph fields empty."""
@@ -83,6 +107,7 @@ class Manifest:
     tail_start: int | None = None
     gflops: dict[str, Any] | None = None
     export: dict[str, Any] = field(default_factory=dict)
+    audio: AudioBlock | None = None  # schema_version 2 only; absent from the JSON of a bundle without audio
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], source: str = MANIFEST) -> Manifest:
@@ -90,10 +115,15 @@ class Manifest:
         if not isinstance(d, Mapping):
             raise BundleError(f"{source}: top level must be a JSON object, got {type(d).__name__}")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READS or isinstance(version, bool):
             raise BundleError(
-                f"{source}: unsupported schema_version {version} (this polymorphd reads {SCHEMA_VERSION}): "
+                f"{source}: unsupported schema_version {version} (this polymorphd reads {list(READS)}): "
                 "re-export the bundle with this polymorphd, or upgrade polymorphd to read it"
+            )
+        if (version == AUDIO_SCHEMA_VERSION) != ("audio" in d):
+            raise BundleError(
+                f"{source}: schema_version {version} {'cannot carry' if 'audio' in d else 'needs'} an 'audio' block "
+                f"(schema_version {AUDIO_SCHEMA_VERSION} is exactly the bundles with audio exits); re-export"
             )
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
@@ -110,13 +140,14 @@ class Manifest:
             raise BundleError(f"{source}: kind {d['kind']!r} invalid: expected 'full' or 'adapters'")
         try:
             m = cls(
-                **{k: v for k, v in d.items() if k not in ("contexts", "exits", "adapters")},
+                **{k: v for k, v in d.items() if k not in ("contexts", "exits", "adapters", "audio")},
                 contexts=[ContextEntry(**c) for c in d["contexts"]],
                 exits=[ExitEntry(**e) for e in d.get("exits", [])],
                 adapters=[AdapterEntry(**a) for a in d["adapters"]],
+                audio=_audio_block(d["audio"]) if "audio" in d else None,
             )
-        except TypeError as exc:
-            raise BundleError(f"{source}: malformed contexts/exits/adapters entry: {exc}") from exc
+        except (TypeError, AttributeError) as exc:
+            raise BundleError(f"{source}: malformed contexts/exits/adapters/audio entry: {exc}") from exc
         for name, want in (("version", int), ("bundle_id", str), ("base_sha256", str), ("files", dict)):
             value = getattr(m, name)
             if not isinstance(value, want) or isinstance(value, bool):
@@ -127,10 +158,14 @@ class Manifest:
             absent = [k for k in ("segments", "tail", "tail_lora", "tail_start") if not getattr(m, k)]
             if absent:
                 raise BundleError(f"{source}: a full bundle needs {absent}; re-export it")
+        if m.audio is not None:
+            _check_audio(m, source)
         return m
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        if self.audio is None:
+            del d["audio"]  # a bundle without audio is written exactly as before the audio block existed
         order = ["schema_version", "kind", "bundle_id", "version", "created", "base_sha256"]
         return {**{k: d[k] for k in order}, **{k: v for k, v in d.items() if k not in order}}
 
@@ -145,7 +180,8 @@ class Manifest:
     def graph_files(self) -> list[str]:
         """Every ONNX graph the manifest names, in base-hash order first (segments, tails), then exits."""
         tails = [f for f in (self.tail, self.tail_lora, self.tail_weights) if f]
-        return [*self.segments, *tails, *(e.file for e in self.exits)]
+        audio = [e.file for e in self.audio.exits] if self.audio else []
+        return [*self.segments, *tails, *(e.file for e in self.exits), *audio]
 
     def adapter_files(self) -> list[str]:
         return [a.file for a in self.adapters]
@@ -162,6 +198,44 @@ class Manifest:
             raise BundleError(
                 f"{MANIFEST}: {exc}; the bundle names a layer this polymorphd lacks: re-export it"
             ) from exc
+
+
+def _audio_block(d: Any) -> AudioBlock:
+    if not isinstance(d, Mapping):
+        raise TypeError(f"'audio' must be an object, got {type(d).__name__}")
+    return AudioBlock(mel=dict(d["mel"]), exits=[AudioExitEntry(**e) for e in d["exits"]])
+
+
+def _check_audio(m: Manifest, source: str) -> None:
+    """The audio block's exits sit where the visual exits sit (the daemon falls back to those), one each."""
+    assert m.audio is not None
+    if m.kind != "full":
+        raise BundleError(f"{source}: an adapter bundle cannot carry an 'audio' block; re-export it")
+    got = [e.after_block for e in m.audio.exits]
+    want = [e.after_block for e in m.exits]
+    if got != want:
+        raise BundleError(
+            f"{source}: audio exits sit after blocks {got}, the visual exits after {want}: each audiovisual "
+            "exit needs its visual twin (the fallback when audio fails); re-export"
+        )
+    try:
+        MelConfig(**m.audio.mel)
+    except (TypeError, ValueError) as exc:
+        raise BundleError(
+            f"{source}: audio mel {m.audio.mel} is not a valid front end: {exc}; re-export"
+        ) from exc
+    for e in m.audio.exits:
+        lo, hi = e.threshold.get("lo"), e.threshold.get("hi")
+        if not (isinstance(lo, float | int) and isinstance(hi, float | int) and 0 <= lo <= hi <= 1):
+            raise BundleError(
+                f"{source}: audio exit {e.file} threshold {e.threshold} needs 0 <= lo <= hi <= 1"
+            )
+        margin = e.count_margin
+        number = isinstance(margin, float | int) and not isinstance(margin, bool)
+        if not (number and (margin == -1 or 0 <= margin <= 0.5)):
+            raise BundleError(
+                f"{source}: audio exit {e.file} count_margin {margin!r} must be in [0, 0.5] or -1 (never answers)"
+            )
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

@@ -133,6 +133,10 @@ def expected_graphs(m: Manifest) -> dict[str, tuple[Shapes, Shapes]]:
         out[f] = (ins, {"tokens" if i == 0 else "tokens_out": tok})
     for e in m.exits:
         out[e.file] = ({"tokens": tok}, {"probs": probs})
+    if m.audio is not None:
+        mel = (m.audio.mel["n_mels"], m.audio.mel["frames"])
+        for e in m.audio.exits:
+            out[e.file] = ({"tokens": tok, "mel": ("B", *mel)}, {"probs": probs, "count": ("B",)})
     if m.tail:
         out[m.tail] = ({"tokens": tok}, {"probs": probs})
     if m.tail_lora:

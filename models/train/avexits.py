@@ -49,7 +49,8 @@ log = logging.getLogger(__name__)
 COUNT_WEIGHT = 0.5  # L1 count loss beside the copycat label loss (both about 0.1-1 at the start)
 COUNT_TOLERANCE = 0.05  # objects: what a count exit may add to the final's MAE on the frames it answers
 AUDIO_ONLY = "audioonly"  # the audio-only probe's name prefix (a diagnostic)
-SILENCED = "|silenced"  # predict's suffix for an audiovisual exit fed silence (a diagnostic)
+SILENCED = "|silenced"
+VIEWS = 1  # augmented views per frame for train --audio: what bench/audio_exits.py measured (the cache is big)  # predict's suffix for an audiovisual exit fed silence (a diagnostic)
 
 
 @torch.no_grad()
@@ -192,16 +193,10 @@ def measure(
     }
     decided: dict[str, np.ndarray] = {}
     for name in (k for k in pred_report if k != "final"):
-        Pc, cc = pred_calib[name]
+        Pc, _ = pred_calib[name]
         Pr, cr = pred_report[name]
-        offsets = logit_offsets(decision_thresholds(calib.Y, Pc, min_positives=n_min))
-        lo, hi, _ = calibrate_exit(
-            centre(Pc, offsets), pred_calib["final"][0], calib.Y, thr,
-            tolerance=p.exit_tolerance, groups=calib.video_ids, centred=True,
-        )  # fmt: skip
-        margin, _ = calibrate_count(
-            cc, pred_calib["final"][1], calib.counts, tolerance=COUNT_TOLERANCE, groups=calib.video_ids
-        )
+        cal = calibrate(calib, pred_calib, name, ctx, thr)
+        offsets, lo, hi, margin = cal["logit_offsets"], cal["lo"], cal["hi"], cal["count_margin"]
         lab = exit_decides(centre(Pr, offsets), lo, hi)
         cnt = count_decides(cr, margin)
         decided[name] = lab & cnt
@@ -227,6 +222,51 @@ def measure(
         shares["final"] = float(left.mean())
         result["cascade"][kind] = {"shares": shares, "mean_depth": float(depth.mean())}
     return result
+
+
+def calibrate(
+    calib: SplitData, pred_calib: dict[str, Any], name: str, ctx: Ctx, thr: np.ndarray | None = None
+) -> dict[str, Any]:
+    """Exit ``name``'s deployed calibration on the calibration split: per-class ``logit_offsets`` (its scores
+    centred on its own thresholds), the label rule's (lo, hi) at the preset's tolerance and the count rule's
+    margin (``countrule.calibrate_count``). ``thr``: the final's class thresholds (computed when None)."""
+    p = ctx.preset
+    n_min = p.threshold_min_positives
+    if thr is None:
+        thr = decision_thresholds(calib.Y, pred_calib["final"][0], min_positives=n_min)
+    Pc, cc = pred_calib[name]
+    offsets = logit_offsets(decision_thresholds(calib.Y, Pc, min_positives=n_min))
+    lo, hi, _ = calibrate_exit(
+        centre(Pc, offsets), pred_calib["final"][0], calib.Y, thr,
+        tolerance=p.exit_tolerance, groups=calib.video_ids, centred=True,
+    )  # fmt: skip
+    margin, _ = calibrate_count(
+        cc, pred_calib["final"][1], calib.counts, tolerance=COUNT_TOLERANCE, groups=calib.video_ids
+    )
+    return {
+        "lo": float(lo),
+        "hi": float(hi),
+        "logit_offsets": [float(x) for x in offsets],
+        "count_margin": float(margin),
+    }
+
+
+def train_deployed(
+    vit: VisionTransformer,
+    train_split: SplitData,
+    calib: SplitData,
+    report: SplitData,
+    ctx: Ctx,
+    mel: MelConfig,
+) -> tuple[list[AudioVisualExit], list[dict[str, Any]], CountHead, dict[str, Any]]:
+    """``polymorphd train --audio``'s stage: train (``train``), calibrate the audiovisual exits for the bundle
+    (block order) and measure every exit beside its visual twin on the report split (``measure``)."""
+    exits, final = train(vit, train_split, ctx, mel, views=VIEWS)
+    pc = predict(vit, exits, final, calib, ctx)
+    pr = predict(vit, exits, final, report, ctx)
+    names = sorted((k for k in exits if k.startswith("audiovisual@")), key=lambda k: int(k.split("@")[1]))
+    cals = [calibrate(calib, pc, n, ctx) for n in names]
+    return [exits[n] for n in names], cals, final, measure(calib, report, pc, pr, ctx)
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:

@@ -13,6 +13,9 @@ RUN/
   adapters.pt        [state dict] per context (ContextAdapter), same order as contexts
   calibration.json   {"class_thresholds": [K floats], "exits": [{"lo": .., "hi": .., "logit_offsets": [K]}],
                       "policy": {...}}; load_run folds each exit's logit_offsets into its head bias
+  avexits.pt         optional (train --audio): {"mel": MelConfig, "exits": [{"config": ExitConfig, "state": ..,
+                      "lo": .., "hi": .., "logit_offsets": [K], "count_margin": ..}], "final_count": state dict}
+                      the audiovisual exits with count heads, one per deployed exit position, calibrated
   report.json, report.md
   stages.json        completed stages, so an interrupted run resumes where it stopped
 ```
@@ -28,13 +31,15 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from polymorphd.models.core.errors import CheckpointError
+from polymorphd.models.core.melspec import MelConfig
+from polymorphd.models.nn.audio import AudioVisualExit, CountHead
 from polymorphd.models.nn.exits import ExitConfig, build_exit
 from polymorphd.models.nn.lora import ContextAdapter, LoRAConfig
 from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
@@ -52,9 +57,20 @@ STAGE_LOG = "stages.json"
 # polymorph recipe only: the frozen backbone the adapters are relative to (the backbone file holds the
 # generalist, its LoRA merged); absent, the adapters are relative to the backbone file
 ADAPTER_BASE = "adapter_base.pt"
+AVEXITS = "avexits.pt"  # optional: only runs trained with audio have it, so it is not in FILES
 FILES = (CONFIG, BACKBONE, EXITS, CONTEXTS, ADAPTERS, CALIBRATION, REPORT_JSON, REPORT_MD, STAGE_LOG)
 
 Device = str | torch.device
+
+
+@dataclass
+class AvExits:
+    """The audiovisual exits of a run trained with audio: calibrated (logit offsets folded into the heads)."""
+
+    mel: MelConfig
+    exits: list[AudioVisualExit]  # one per deployed exit position, in block order
+    calibration: list[dict[str, Any]]  # per exit: lo, hi, logit_offsets, count_margin
+    final_count: CountHead
 
 
 @dataclass
@@ -72,6 +88,7 @@ class Run:
     calibration: dict[str, Any]
     report: dict[str, Any] = field(default_factory=dict)
     adapter_base: VisionTransformer | None = None  # ADAPTER_BASE when the run has one
+    avexits: AvExits | None = None  # audiovisual exits + count heads (runs trained with --audio)
 
     @property
     def vit_config(self) -> ViTConfig:
@@ -218,6 +235,62 @@ def load_adapters(
     return adapters
 
 
+def save_avexits(
+    run_dir: Path,
+    mel: MelConfig,
+    exits: Sequence[AudioVisualExit],
+    calibration: Sequence[dict[str, Any]],
+    final_count: CountHead,
+) -> None:
+    """The audiovisual exits as trained (their calibration beside them, not folded in)."""
+    if len(exits) != len(calibration):
+        raise ValueError(f"{len(exits)} audiovisual exits but {len(calibration)} calibrations")
+    save_torch(
+        Path(run_dir) / AVEXITS,
+        {
+            "mel": asdict(mel),
+            "exits": [
+                {"config": m.cfg.to_dict(), "state": m.state_dict(), **cal}
+                for m, cal in zip(exits, calibration, strict=True)
+            ],
+            "final_count": final_count.state_dict(),
+        },
+    )
+
+
+def load_avexits(
+    run_dir: Path, vit_cfg: ViTConfig, device: Device = "cpu", *, fused_attn: bool = True
+) -> AvExits | None:
+    """The run's audiovisual exits with each exit's logit_offsets folded into its head bias (as ``load_run``
+    does for the visual exits), or None for a run trained without audio."""
+    path = Path(run_dir) / AVEXITS
+    if not path.exists():
+        return None
+    saved = _load_state(path, device)
+    try:
+        mel = MelConfig(**saved["mel"])
+        exits, cal = [], []
+        for e in saved["exits"]:
+            m = AudioVisualExit(vit_cfg, ExitConfig(**e["config"]), mel, fused_attn=fused_attn).to(device)
+            m.load_state_dict(e["state"])
+            offsets = e["logit_offsets"]
+            if len(offsets) != vit_cfg.num_classes:
+                raise CheckpointError(
+                    f"{path}: an exit has {len(offsets)} logit_offsets for {vit_cfg.num_classes} classes"
+                )
+            with torch.no_grad():
+                m.head.bias.sub_(torch.tensor(offsets, dtype=m.head.bias.dtype))
+            exits.append(m.eval())
+            cal.append({k: e[k] for k in ("lo", "hi", "logit_offsets", "count_margin")})
+        final = CountHead(vit_cfg.embed_dim).to(device)
+        final.load_state_dict(saved["final_count"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: malformed audiovisual exits ({exc!r}); re-run polymorphd train --audio"
+        ) from exc
+    return AvExits(mel, exits, cal, final.eval())
+
+
 def save_calibration(run_dir: Path, calibration: dict[str, Any]) -> None:
     write_json(Path(run_dir) / CALIBRATION, calibration)
 
@@ -297,6 +370,7 @@ def load_run(path: str | os.PathLike, *, fused_attn: bool = False) -> Run:
             if (path / ADAPTER_BASE).is_file()
             else None
         ),
+        avexits=load_avexits(path, vit_cfg, fused_attn=fused_attn),
     )
 
 

@@ -42,7 +42,7 @@ from polymorphd.models.nn.checkpoint import checkpoint_stem
 from polymorphd.models.nn.checkpoint import init_from as load_init
 from polymorphd.models.nn.lora import ContextAdapter, merge_
 from polymorphd.models.nn.vit import VisionTransformer
-from polymorphd.models.train import distributed, recipe, run, stages
+from polymorphd.models.train import avexits, distributed, recipe, run, stages
 from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx, SplitData, freeze, predict
 from polymorphd.models.train.presets import Preset, get_preset
@@ -238,6 +238,8 @@ class Job:
     adapters: list[ContextAdapter] = field(default_factory=list)
     calibration: dict[str, Any] = field(default_factory=dict)
     base: VisionTransformer | None = None  # polymorph recipe: the frozen backbone the adapters sit on
+    mel: MelConfig | None = None  # train --audio: the audio front end of the audiovisual exits
+    av: tuple[Any, ...] = ()  # the avexits stage's (exits, calibrations, final count head)
 
 
 @dataclass(frozen=True)
@@ -362,6 +364,20 @@ POLYMORPH_PIPELINE = (
 PIPELINES = {"default": PIPELINE, "polymorph": POLYMORPH_PIPELINE}
 
 
+def _avexits(job: Job) -> dict[str, Any]:
+    """train --audio: audiovisual exits with count heads beside the deployed visual ones (models/train/avexits)."""
+    assert job.mel is not None
+    d = job.data
+    exits, cals, final, measured = avexits.train_deployed(
+        job.vit, d.train, d.calib, d.report, job.ctx, job.mel
+    )
+    job.av = (exits, cals, final)
+    return measured
+
+
+AUDIO_STAGE = Stage("avexits", _avexits, save=lambda out, job: run.save_avexits(out, job.mel, *job.av))
+
+
 def _run_stage(
     stage: Stage, seed: int, job: Job, out: Path, stage_log: run.StageLog, result: TrainResult
 ) -> None:
@@ -395,6 +411,7 @@ def train(
     env: DistEnv | None = None,
     progress: bool = True,
     recipe_name: str = "default",
+    audio: bool = False,
 ) -> TrainResult:
     """Run (or resume) every stage and write the run directory; returns the report and which stages ran."""
     if recipe_name not in PIPELINES:
@@ -409,10 +426,13 @@ def train(
         if preset.stem != stem:
             preset = replace(preset, stem=stem)
     t0 = time.perf_counter()
-    data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main)
+    mel = MelConfig() if audio else None
+    data = load_data(data_dir, preset.img_size, seed=seed, progress=progress and env.is_main, audio=mel)
     preset = preset.for_frames(len(data.train.Y))
     load_s = time.perf_counter() - t0
     spec = InputSpec(size=preset.img_size)
+    # audio adds a stage and its own self-describing file (avexits.pt), not a config key: so a finished run
+    # resumed with --audio (on the same frames with sound) only trains the audiovisual exits
     _open_run(out, _config(preset, data, spec, seed, init_from, recipe_name), env)
     distributed.barrier(env)
     stage_log = run.StageLog(out, write=env.is_main)
@@ -425,8 +445,10 @@ def train(
     torch.manual_seed(seed)
     ctx = Ctx(spec=spec, preset=preset, env=env, seed=seed, progress=progress)
     job = Job(data, ctx, init_from, VisionTransformer(preset.vit_config(len(data.class_ids))).to(env.device))
+    job.mel = mel
     result = TrainResult(out, {})
-    for i, stage in enumerate(PIPELINES[recipe_name]):
+    pipeline = PIPELINES[recipe_name]
+    for i, stage in enumerate((*pipeline, AUDIO_STAGE) if audio else pipeline):
         _run_stage(stage, seed + i, job, out, stage_log, result)
 
     meta = {
@@ -454,6 +476,8 @@ def train(
         preset=preset,
         generalist_labels=generalist_labels(job, stage_log.records["calibration"]["result"]),
     )
+    if audio:  # the audiovisual exits beside their visual twins, on the report split (avexits.measure)
+        result.report["audio"] = stage_log.records[AUDIO_STAGE.name]["result"]
     if env.is_main:
         run.save_report(out, result.report, render_markdown(result.report))
     log.info(
@@ -519,6 +543,7 @@ def cli_train(args: argparse.Namespace) -> int:
         res = train(
             args.data, args.out, preset, seed=args.seed, init_from=init_from, env=env,
             recipe_name=getattr(args, "recipe", "default"),
+            audio=getattr(args, "audio", False),
         )  # fmt: skip
     finally:
         distributed.teardown(env)

@@ -92,7 +92,7 @@ def test_json_file(tmp_path, bundle):
 @pytest.mark.parametrize(
     ("data", "field", "words"),
     [
-        ({"camrea": "x"}, "camrea", "unknown field; known fields: bundle, bundle_store, camera"),
+        ({"camrea": "x"}, "camrea", "unknown field; known fields: audio, audio_fps, bundle, bundle_store"),
         ({"reconnect": {"initial_s": 5, "max_s": 1}}, "reconnect", "max_s (1.0) must be >= initial_s (5.0)"),
         ({"reconnect": {"initial_s": 0}}, "reconnect.initial_s", "greater than 0"),
         ({"heartbeat_s": 3}, "heartbeat_s", "less than or equal to 2"),

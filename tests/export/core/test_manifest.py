@@ -37,9 +37,9 @@ def test_contract_fields(bundle):
 
 def test_unknown_schema_version_names_both_versions():
     with pytest.raises(
-        BundleError, match=r"unsupported schema_version 2 \(this polymorphd reads 1\): re-export"
+        BundleError, match=r"unsupported schema_version 3 \(this polymorphd reads \[1, 2\]\): re-export"
     ):
-        Manifest.from_dict({"schema_version": 2})
+        Manifest.from_dict({"schema_version": 3})
 
 
 def test_unknown_and_missing_keys_are_rejected(bundle):

@@ -115,7 +115,7 @@ def test_unknown_schema_version_is_rejected(bundle, tmp_path, capsys):
     d = json.loads((root / "manifest.json").read_text())
     (root / "manifest.json").write_text(json.dumps({**d, "schema_version": 7}))
     rc, _, err = verify_cli(capsys, str(root))
-    assert rc == 2 and "manifest.json: unsupported schema_version 7 (this polymorphd reads 1)" in err
+    assert rc == 2 and "manifest.json: unsupported schema_version 7 (this polymorphd reads [1, 2])" in err
 
 
 def test_adapter_bundle_against_its_base(bundle, adapter_bundle, int8_bundle, capsys):
