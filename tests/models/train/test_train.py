@@ -316,10 +316,10 @@ def test_presets_meet_their_budgets() -> None:
 
 def test_a_step_budget_turns_into_epochs_by_dataset_size() -> None:
     small = get_preset("small")
-    assert small.generalist_steps == 540 and small.generalist.batch_size == 32
-    assert small.for_frames(8640).generalist.epochs == 2  # the default dataset: 144 videos x 60 frames
-    assert small.for_frames(1440).generalist.epochs == 12  # 24 videos
-    assert small.for_frames(10).generalist.epochs == 540  # one step an epoch
+    assert small.generalist_steps == 1080 and small.generalist.batch_size == 32
+    assert small.for_frames(8640).generalist.epochs == 4  # the default dataset: 144 videos x 60 frames
+    assert small.for_frames(1440).generalist.epochs == 24  # 24 videos
+    assert small.for_frames(10).generalist.epochs == 1080  # one step an epoch
     assert get_preset("small", epochs=3).for_frames(8640).generalist.epochs == 3  # --epochs wins
     assert get_preset("tiny").for_frames(10) == get_preset("tiny")  # no step budget: epochs as given
     with pytest.raises(ConfigError, match="generalist_steps must be >= 1, got 0"):
