@@ -175,8 +175,9 @@ PRESETS: dict[str, Preset] = {
     "small": Preset(
         name="small", img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4, exit_after=(2, 4),
         # 1080 generalist steps from the pretrained backbone: 4 epochs of the default 144 training videos, the
-        # best epoch by calibration mAP kept (540 steps left it at test mAP 0.80 and the exits above it; 1080 gave
-        # 0.92, docs/ARCHITECTURE.md); one augmented view per frame suffices for the exits at that size
+        # best epoch by calibration mAP kept (540 steps left it at test mAP 0.80 and the exits above it; 1080
+        # gave 0.94 over 3 seeds, 276 s for the whole run: docs/ARCHITECTURE.md); one augmented view per frame
+        # suffices for the exits at that size
         generalist=Schedule(epochs=12, lr=1e-3, batch_size=32), generalist_steps=1080,
         exits=Schedule(epochs=5, lr=1e-3, batch_size=64),
         # 1 epoch: the adapters' second epoch (45 s) bought the generalist's doubled budget; they added +0.009 mAP
