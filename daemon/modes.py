@@ -159,12 +159,8 @@ class Pipeline:
         exits = mode != "full"
         self._count = None
         self._av_walk = mel is not None and exits and self.audio is not None
-        if self._av_walk:
-            tokens, j, p, gf = self._walk_av(x, mel, clock)
-            hi = self.audio.hi
-        else:
-            tokens, j, p, gf = self._walk(x, clock, exits)
-            hi = self.hi
+        tokens, j, p, gf = self._walk(x, clock, exits, mel if self._av_walk else None)
+        hi = self.audio.hi if self._av_walk and self.audio is not None else self.hi
         out = self._answer(mode, x, tokens, j, p, gf, hi, pstate, clock)
         out.count = self._count
         return out
@@ -192,8 +188,12 @@ class Pipeline:
         probs = self._tail(tokens, clock)
         return Outcome(probs, probs > self.class_thr, "final", [], gf + self.gf_tail)
 
-    def _walk(self, x: np.ndarray, clock: Clock, exits: bool) -> tuple[np.ndarray, int | None, Any, float]:
-        """Segments (and exits): returns (tokens, deciding exit or None, its probs, GFLOPs)."""
+    def _walk(
+        self, x: np.ndarray, clock: Clock, exits: bool, mel: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int | None, Any, float]:
+        """Segments (and exits): returns (tokens, deciding exit or None, its probs, GFLOPs). With ``mel``, the
+        audiovisual exits: one answers when its labels (lo, hi) and its count (margin) are both decided; the
+        count of the deciding, else the last, exit is kept in ``_count``."""
         t, gf = x, 0.0
         self._last_exit = None
         after = self.trunk.exit_after
@@ -203,39 +203,25 @@ class Pipeline:
             t = seg.run(feed, clock)
             gf += self.gf_seg[i]
             j = after[i]
-            if exits and j is not None:
+            if not exits or j is None:
+                continue
+            gf += self.gf_exit[
+                j
+            ]  # audiovisual: the visual exit's cost; the audio tokens add about half (docs)
+            if mel is None:
                 ef = self._exit_feeds[j]
                 ef["tokens"] = t
                 p = self.trunk.exits[j].run(ef, clock)[0]
-                gf += self.gf_exit[j]
-                self._last_exit, self._last_j = p, j
-                if exit_decides(p, self.lo[j], self.hi[j]):
-                    return t, j, p, gf
-        return t, None, None, gf
-
-    def _walk_av(
-        self, x: np.ndarray, mel: np.ndarray, clock: Clock
-    ) -> tuple[np.ndarray, int | None, Any, float]:
-        """As ``_walk`` through the audiovisual exits: an exit answers when its labels (lo, hi) and its count
-        (margin) are both decided; the count of the deciding, else the last, exit is kept in ``_count``."""
-        assert self.audio is not None
-        t, gf = x, 0.0
-        self._last_exit = None
-        after = self.trunk.exit_after
-        for i, seg in enumerate(self.trunk.segments):
-            feed = self._seg_feeds[i]
-            feed[seg.inputs[0]] = t
-            t = seg.run(feed, clock)
-            gf += self.gf_seg[i]
-            j = after[i]
-            if j is not None:
+                decided = exit_decides(p, self.lo[j], self.hi[j])
+            else:
+                assert self.audio is not None
                 probs, count = self.trunk.av_exits[j].run_all({"tokens": t, "mel": mel}, clock)
-                p, c = probs[0], float(count[0])
-                gf += self.gf_exit[j]  # the visual exit's cost: the audio tokens add about half (docs)
-                self._last_exit, self._last_j, self._count = p, j, max(c, 0.0)
-                a = self.audio
-                if exit_decides(p, a.lo[j], a.hi[j]) and count_decides(c, float(a.margin[j])):
-                    return t, j, p, gf
+                p, c, a = probs[0], float(count[0]), self.audio
+                self._count = max(c, 0.0)
+                decided = exit_decides(p, a.lo[j], a.hi[j]) and count_decides(c, float(a.margin[j]))
+            self._last_exit, self._last_j = p, j
+            if decided:
+                return t, j, p, gf
         return t, None, None, gf
 
     def _final_scale(self, p: np.ndarray, j: int) -> np.ndarray:
