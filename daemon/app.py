@@ -252,7 +252,7 @@ class Daemon:
         try:
             self._meter_call(self.meter.sample)
             mel = self._mel(frame, engine) if self.audio is not None else None
-            r = engine.infer(frame.image, state) if mel is None else engine.infer(frame.image, state, mel)
+            r = engine.infer(frame.image, state, mel)
             energy = self._meter_call(self.meter.energy_mj, r.infer_t0_ns, r.infer_t1_ns)
             dropped = self.source.take_dropped() + self._failed_unreported
             latency = {
@@ -275,7 +275,7 @@ class Daemon:
                 dropped=dropped,
                 include_scores=self.cfg.include_scores,
                 truth=frame.truth,
-                count=getattr(r, "count", None),
+                count=r.count,
             )
             latency["total"] = frame.read_ms + (time.time_ns() - frame.ts_ns) / 1e6
             body["latency_ms"]["total"] = round(latency["total"], 3)

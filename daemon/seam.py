@@ -42,6 +42,7 @@ class Inference(Protocol):
     inference_ms: float
     infer_t0_ns: int  # inference window (time.monotonic_ns), for the energy meter
     infer_t1_ns: int
+    count: float | None  # objects in the frame, from audiovisual exits given a mel window; else None
 
 
 @runtime_checkable
@@ -51,9 +52,9 @@ class Engine(Protocol):
     ``new_state`` returns per-stream state that only the engine reads: the daemon hands it back to
     ``infer`` and makes a fresh one after every swap or rollback.
 
-    Audio (optional, read with ``getattr``): an engine whose bundle has audio exits has ``mel`` (its
-    ``MelConfig``), takes ``infer(frame, state, mel_window)`` and answers with ``count``; engines without
-    audio need none of it, and the daemon calls them exactly as before.
+    Audio: an engine whose bundle has audio exits has ``mel`` (its ``MelConfig``; optional, read with
+    ``getattr``); given the frame's log-mel window, ``infer`` answers through them with ``count``; without one
+    (or without audio exits) it answers exactly as a visual-only engine does, ``count`` None.
     """
 
     bundle_id: str  # "<bundle_id>@<version>", as published in every label message
@@ -61,7 +62,7 @@ class Engine(Protocol):
 
     def new_state(self) -> Any: ...
 
-    def infer(self, frame_bgr: np.ndarray, state: Any) -> Inference: ...
+    def infer(self, frame_bgr: np.ndarray, state: Any, mel: np.ndarray | None = None) -> Inference: ...
 
     def knobs(self) -> dict[str, Any]: ...
 

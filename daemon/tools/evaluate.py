@@ -249,7 +249,7 @@ def _run_video(
         if meter is not None:
             meter.sample()
         c0 = time.process_time_ns()
-        r = engine.infer(img, state) if mels is None else engine.infer(img, state, mels[i : i + 1])
+        r = engine.infer(img, state, None if mels is None else mels[i : i + 1])
         rec.cpu.append((time.process_time_ns() - c0) / 1e6)
         if meter is not None:
             rec.energy.append(meter.energy_mj(r.infer_t0_ns, r.infer_t1_ns))

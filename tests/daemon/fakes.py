@@ -33,6 +33,7 @@ class FrameResult:
     inference_ms: float
     infer_t0_ns: int
     infer_t1_ns: int
+    count: float | None = None
 
 
 class FakeEngine:
@@ -60,7 +61,9 @@ class FakeEngine:
     def new_state(self) -> dict[str, int]:
         return {"frames": 0}
 
-    def infer(self, frame_bgr: np.ndarray, state: dict[str, int]) -> FrameResult:
+    def infer(
+        self, frame_bgr: np.ndarray, state: dict[str, int], mel: np.ndarray | None = None
+    ) -> FrameResult:
         if frame_bgr.ndim != 3 or frame_bgr.shape[2] != 3 or min(frame_bgr.shape[:2]) < 4:
             raise ValueError(f"frame shape {frame_bgr.shape}: expected (H >= 4, W >= 4, 3) uint8 BGR")
         assert not self.closed, f"{self.bundle_id} used after close()"

@@ -136,8 +136,8 @@ def test_factories_match_the_protocol(factory):
 
 def test_drift_is_caught():
     class Renamed(fakes.FakeEngine):
-        def infer(self, frame: np.ndarray, state: Any) -> Any:  # was frame_bgr
-            return super().infer(frame, state)
+        def infer(self, frame: np.ndarray, state: Any, mel: Any = None) -> Any:  # was frame_bgr
+            return super().infer(frame, state, mel)
 
     class NewRequired(fakes.FakeEngine):
         def with_adapter_bundle(self, path: Any, pubkey: Any = None, *, verify: bool) -> Any:
