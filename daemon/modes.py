@@ -205,9 +205,8 @@ class Pipeline:
             j = after[i]
             if not exits or j is None:
                 continue
-            gf += self.gf_exit[
-                j
-            ]  # audiovisual: the visual exit's cost; the audio tokens add about half (docs)
+            # audiovisual exits count as the visual exit's cost: the audio tokens add about half (docs)
+            gf += self.gf_exit[j]
             if mel is None:
                 ef = self._exit_feeds[j]
                 ef["tokens"] = t
