@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", default=None, help="write the full report as JSON here")
     ev.add_argument("--threads", type=int, default=2, help="ONNX Runtime intra-op threads")
     ev.add_argument("--max-frames", type=int, default=None, help="stop after this many frames per mode")
+    ev.add_argument(
+        "--resamples", type=int, default=200,
+        help="draws of whole videos for 95%% intervals of mAP, label F1 and their difference from full (0: none)",
+    )  # fmt: skip
     ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=KNOB_HELP)
 
     be = sub.add_parser(

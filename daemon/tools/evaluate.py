@@ -40,7 +40,13 @@ from polymorphd.models.core.countrule import count_mae
 from polymorphd.models.core.errors import ConfigError, DataError
 from polymorphd.models.core.knobs import PolicyKnobs, parse_knobs
 from polymorphd.models.core.melspec import log_mel
-from polymorphd.models.core.metrics import label_quality, mean_average_precision
+from polymorphd.models.core.metrics import (
+    frame_f1,
+    label_quality,
+    mean_average_precision,
+    percentile_interval,
+    video_resamples,
+)
 from polymorphd.models.core.modes import MODES
 from polymorphd.models.data.audio import split_windows
 from polymorphd.models.data.tao import Frame, TaoSplit, evaluation_split, load_split
@@ -127,13 +133,15 @@ def evaluate(
     max_frames: int | None = None,
     progress: bool = False,
     meter: Any = None,
+    resamples: int = 0,
 ) -> EvalResult:
     """Stream ``split`` through ``engine`` in each of ``modes`` (interleaved by video); return the report.
 
     ``modes`` is a list of mode names, or named operating points: ``{name: knobs}`` where knobs (flat names,
     as ``Engine.set_knobs`` takes them) include ``mode`` and apply over the engine's knobs at the start; the
     report's ``modes`` is keyed by those names (``bench``'s sweep). ``meter`` (``daemon.power.Meter``) adds the
-    measured energy per frame where it knows it."""
+    measured energy per frame where it knows it. ``resamples`` > 0 adds 95 % video-bootstrap intervals
+    (``add_intervals``)."""
     points = {m: {"mode": m} for m in modes} if not isinstance(modes, dict) else dict(modes)
     for name, knobs in points.items():
         m = knobs.get("mode")
@@ -144,6 +152,8 @@ def evaluate(
             )
     if max_frames is not None and max_frames < 1:
         raise ConfigError(f"--max-frames must be >= 1, got {max_frames}")
+    if resamples < 0:
+        raise ConfigError(f"--resamples must be >= 0, got {resamples}")
     ids = class_columns(engine, split)
     videos = list(split.videos)
     budget = sum(len(v.frames) for v in videos)
@@ -154,6 +164,7 @@ def evaluate(
     annotated = [f for v in videos for f in v.frames if f.labels is not None]
     truth_row = {id(f): i for i, f in enumerate(annotated)}
     Y_all = split.multi_hot(annotated, ids, ignore_unknown=True)
+    video_of = np.array([vi for vi, v in enumerate(videos) for f in v.frames if f.labels is not None])
     start = engine.knobs()
     base = {k: start[k] for k in ("mode", *PolicyKnobs.model_fields, "exit_thresholds")}
     settings = {name: {**base, **knobs} for name, knobs in points.items()}
@@ -213,6 +224,9 @@ def evaluate(
             if full and row["latency_ms"]["p50"]
             else None
         )
+    if resamples:
+        report["resamples"] = resamples
+        add_intervals(report["modes"], records, Y_all, video_of, resamples)
     lat = {n: np.asarray(rec.latency) for n, rec in records.items()}
     return EvalResult(report, lat, {n: rec.decisions for n, rec in records.items()})
 
@@ -344,6 +358,77 @@ def label_summary(
     return overall, by_exit
 
 
+def add_intervals(
+    rows: dict[str, dict[str, Any]],
+    records: dict[str, _ModeRecord],
+    Y_all: np.ndarray,
+    video_of: np.ndarray,
+    resamples: int,
+) -> None:
+    """Per mode, the 95 % interval of mAP and label F1 over ``resamples`` draws of whole videos
+    (``video_resamples``), and of their difference from full on the same draws (paired: the same videos in
+    each draw, so what both modes get wrong alike cancels). A test split too small to resolve the exit's
+    tolerance shows here as an interval wider than the tolerance."""
+    draws = video_resamples(video_of, resamples)
+    n, k = Y_all.shape
+    Y = Y_all.astype(bool)
+    per: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, rec in records.items():
+        if not rec.rows or not draws:
+            continue
+        S = np.zeros((n, k))
+        S[rec.rows] = np.stack(rec.scores)
+        L = np.zeros((n, k), dtype=bool)
+        for r, labels in zip(rec.rows, rec.labels, strict=True):
+            L[r, labels] = True
+        seen = np.zeros(n, dtype=bool)
+        seen[rec.rows] = True
+        stats = []
+        for d in draws:
+            d = d[seen[d]]
+            stats.append(
+                (mean_average_precision(Y[d], S[d])[0], frame_f1(L[d], Y[d]).mean() if d.size else np.nan)
+            )
+        per[name] = (seen, np.array(stats))
+    full = per.get("full")
+    for name, (seen, st) in per.items():
+        row = rows[name]
+        row["map_ci95"], row["label_f1_ci95"] = percentile_interval(st[:, 0]), percentile_interval(st[:, 1])
+        if full is None or name == "full" or not np.array_equal(seen, full[0]):
+            continue
+        for j, key in enumerate(("map", "label_f1")):
+            a, b = row[key], rows["full"][key]
+            row[f"{key}_vs_full"] = None if a is None or b is None else a - b
+            row[f"{key}_vs_full_ci95"] = percentile_interval(st[:, j] - full[1][:, j])
+
+
+def format_intervals(report: dict[str, Any]) -> str:
+    """One line per mode: the 95 % video-bootstrap intervals of mAP and label F1, and of the difference from
+    full; empty when the report has none."""
+    if not report.get("resamples"):
+        return ""
+
+    def span(ci: list[float] | tuple[float, float] | None, scale: float, fmt: str) -> str:
+        return "n/a" if ci is None else f"[{scale * ci[0]:{fmt}}, {scale * ci[1]:{fmt}}]"
+
+    width = max(len(m) for m in report["modes"])
+    lines = [
+        f"95 % interval over {report['resamples']} draws of the {report['videos']} videos "
+        "(mAP x100 / label F1; 'vs full': paired difference):"
+    ]
+    for m, row in report["modes"].items():
+        line = f"  {m:<{width}}  mAP {span(row.get('map_ci95'), 100, '.2f')}  F1 {span(row.get('label_f1_ci95'), 1, '.3f')}"
+        if row.get("map_vs_full_ci95") is not None:
+            d_map, d_f1 = row["map_vs_full"], row["label_f1_vs_full"]
+            line += (
+                f"  vs full: mAP {'n/a' if d_map is None else f'{100 * d_map:+.2f}'} "
+                f"{span(row['map_vs_full_ci95'], 100, '+.2f')}, F1 {'n/a' if d_f1 is None else f'{d_f1:+.3f}'} "
+                f"{span(row['label_f1_vs_full_ci95'], 1, '+.3f')}"
+            )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
 def _mean_known(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return float(np.mean(known)) if known else None
@@ -427,6 +512,7 @@ def format_footer(report: dict[str, Any]) -> str:
         f"({report['annotated_frames']} annotated, {report['videos']} videos), {report['threads']} threads, "
         f"{', '.join(report['providers'])}\n"
         f"{format_by_exit(report)}\n"
+        f"{format_intervals(report)}"
         f"engine overhead outside ORT, median ms: {over}\n"
         + (f"count MAE (objects per annotated frame): {counts}\n" if counts else "")
         + f"peak RSS {report['peak_rss_mb']:.0f} MB; mAP: {report['map_definition']}\n"
@@ -452,7 +538,10 @@ def run_eval(
         name, why = evaluation_split(args.data, args.split)
         print(f"evaluating split {name!r}: {why}", file=sys.stderr)
         split = load_split(args.data, name, include_unannotated=True)
-        result = evaluate(engine, split, points, max_frames=args.max_frames, progress=True, meter=meter)
+        result = evaluate(
+            engine, split, points, max_frames=args.max_frames, progress=True, meter=meter,
+            resamples=getattr(args, "resamples", 0),
+        )  # fmt: skip
     finally:
         engine.close()
     result.report["knobs"] = knobs

@@ -10,7 +10,15 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["average_precision", "exact_match", "frame_f1", "label_quality", "mean_average_precision"]
+__all__ = [
+    "average_precision",
+    "exact_match",
+    "frame_f1",
+    "label_quality",
+    "mean_average_precision",
+    "percentile_interval",
+    "video_resamples",
+]
 
 # columns per block: bounds the (F, block) float64 temporaries to a few tens of MB on long evaluations
 _BLOCK_ELEMENTS = 4_000_000
@@ -103,3 +111,33 @@ def label_quality(pred: np.ndarray, Y: np.ndarray) -> dict[str, float]:
     if not len(Y):
         return {"label_f1": float("nan"), "exact_match": float("nan")}
     return {"label_f1": float(frame_f1(pred, Y).mean()), "exact_match": float(exact_match(pred, Y).mean())}
+
+
+def video_resamples(groups: np.ndarray, resamples: int, seed: int = 0) -> list[np.ndarray]:
+    """Bootstrap draws over videos: each draw is the row indices of as many videos as ``groups`` (F,) holds,
+    drawn with replacement, every drawn video with all its rows. Empty when fewer than two videos.
+
+    Whole videos, not frames: the frames of one video are near copies, so resampling frames would report
+    the spread of 48 videos as that of 2,880 independent frames (issue 10: on 12 test videos the 95 %
+    interval of the early exit's mAP cost is about 4 points wide)."""
+    groups = np.asarray(groups)
+    if resamples < 0:
+        raise ValueError(f"resamples must be >= 0, got {resamples}")
+    ids, inverse = np.unique(groups, return_inverse=True)
+    if len(ids) < 2:
+        return []
+    rows = [np.flatnonzero(inverse.ravel() == v) for v in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([rows[v] for v in rng.integers(0, len(ids), len(ids))]) for _ in range(resamples)]
+
+
+def percentile_interval(values: list[float] | np.ndarray, level: float = 0.95) -> tuple[float, float] | None:
+    """The central ``level`` percentile interval of bootstrap ``values`` (nan ignored); None if none is finite."""
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if not v.size:
+        return None
+    lo, hi = np.percentile(v, [50 * (1 - level), 50 * (1 + level)])
+    return float(lo), float(hi)

@@ -237,3 +237,45 @@ def test_selection_compares_adapters_run_with_the_contexts_true_labels_need(tiny
     assert poly["tail_frames"] <= len(split.annotated_frames())
     assert 1 <= poly["adapters_per_tail_frame"] <= engine.knobs()["max_adapters"]
     assert 0 <= poly["true_contexts_per_tail_frame"] <= max(needed)
+
+
+def test_intervals_resample_videos_and_pair_each_mode_with_full(tiny_bundle, dataset, tmp_path, capsys):
+    from polymorphd.daemon.tools.evaluate import _ModeRecord, add_intervals
+
+    # 6 videos of 10 frames, 3 classes; "worse" is full except on video 2, where it ranks every class backwards
+    rng = np.random.default_rng(0)
+    video_of = np.repeat(np.arange(6), 10)
+    Y = (rng.random((60, 3)) < 0.4).astype(np.uint8)
+    S = np.clip(Y + rng.normal(0, 0.3, Y.shape), 0, 1)
+    bad = S.copy()
+    bad[video_of == 2] = 1 - bad[video_of == 2]
+    records = {}
+    for name, scores in (("full", S), ("same", S), ("worse", bad)):
+        rec = _ModeRecord(name)
+        rec.rows, rec.scores = list(range(60)), list(scores)
+        rec.labels = [np.flatnonzero(s > 0.5).tolist() for s in scores]
+        records[name] = rec
+    rows = {n: {"map": None, "label_f1": None} for n in records}  # point values: unknown here
+    add_intervals(rows, records, Y, video_of, 300)
+    assert rows["same"]["map_vs_full_ci95"] == pytest.approx((0.0, 0.0))  # the same frames, the same answers
+    assert rows["same"]["label_f1_vs_full_ci95"] == pytest.approx((0.0, 0.0))
+    lo, hi = rows["worse"]["map_vs_full_ci95"]
+    assert lo < 0 and hi <= 0  # worse on one video in six: every draw with that video loses, none gains
+    assert "map_vs_full_ci95" not in rows["full"]
+    full_lo, full_hi = rows["full"]["map_ci95"]
+    assert 0 < full_lo < full_hi <= 1
+
+    # end to end: eval prints the intervals and writes them; --resamples 0 leaves them out; < 0 is refused
+    out = tmp_path / "r.json"
+    assert cli_eval(args(tiny_bundle, dataset, mode="all", json=str(out), resamples=50)) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert f"95 % interval over 50 draws of the {report['videos']} videos" in printed
+    early = report["modes"]["early-exit"]
+    assert early["map_vs_full"] == pytest.approx(early["map"] - report["modes"]["full"]["map"])
+    assert len(early["map_vs_full_ci95"]) == 2 and report["resamples"] == 50
+    assert cli_eval(args(tiny_bundle, dataset, mode="full", json=str(out), resamples=0)) == 0
+    assert "map_ci95" not in json.loads(out.read_text())["modes"]["full"]
+    assert "95 % interval" not in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--resamples must be >= 0, got -3"):
+        cli_eval(args(tiny_bundle, dataset, resamples=-3))

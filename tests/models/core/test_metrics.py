@@ -109,3 +109,43 @@ def test_label_quality_rejects_mismatched_shapes_and_is_nan_without_frames() -> 
     with pytest.raises(ValueError, match=r"predicted labels have shape \(2, 3\), truth \(2, 4\)"):
         metrics.label_quality(np.zeros((2, 3)), np.zeros((2, 4)))
     assert all(math.isnan(v) for v in metrics.label_quality(np.zeros((0, 3)), np.zeros((0, 3))).values())
+
+
+def test_video_resamples_draw_whole_videos_with_replacement() -> None:
+    groups = np.repeat([7, 3, 9, 5], [2, 3, 1, 4])  # 4 videos of 2, 3, 1 and 4 frames
+    draws = metrics.video_resamples(groups, 300, seed=1)
+    assert len(draws) == 300
+    counts = []
+    for d in draws:
+        drawn = groups[d]
+        # every drawn video comes with all its frames, as many times as it was drawn
+        videos, n = np.unique(drawn, return_counts=True)
+        per_video = {7: 2, 3: 3, 9: 1, 5: 4}
+        assert all(k % per_video[v] == 0 for v, k in zip(videos, n, strict=True))
+        # as many videos as there are
+        assert sum(k // per_video[v] for v, k in zip(videos, n, strict=True)) == 4
+        counts.append(len(videos))
+    assert min(counts) < 4 and max(counts) == 4  # with replacement: some draws repeat a video
+    assert metrics.video_resamples(np.zeros(5), 10) == []  # one video: nothing to resample
+    assert metrics.video_resamples(groups, 0) == []
+    with pytest.raises(ValueError, match="resamples must be >= 0, got -1"):
+        metrics.video_resamples(groups, -1)
+
+
+def test_interval_reflects_the_spread_between_videos_not_between_frames() -> None:
+    # 20 videos of 50 frames; each video's frames share one F1 (near copies), videos spread 0.5-0.9
+    rng = np.random.default_rng(0)
+    per_video = rng.uniform(0.5, 0.9, 20)
+    groups = np.repeat(np.arange(20), 50)
+    values = per_video[groups]
+    means = [values[d].mean() for d in metrics.video_resamples(groups, 400, seed=2)]
+    lo, hi = metrics.percentile_interval(means)
+    se = per_video.std() / np.sqrt(20)
+    assert lo < values.mean() < hi
+    assert 2.5 * se < hi - lo < 5.5 * se  # about +-1.96 standard errors of a 20-video mean
+    # identical videos: no spread at all
+    same = [np.full(1000, 0.7)[d].mean() for d in metrics.video_resamples(groups, 50)]
+    assert metrics.percentile_interval(same) == pytest.approx((0.7, 0.7))
+    assert metrics.percentile_interval([np.nan, np.nan]) is None
+    with pytest.raises(ValueError, match="level must be in"):
+        metrics.percentile_interval([1.0], level=1.0)
