@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs=3,
         default=None,
         metavar=("TRAIN", "VAL", "TEST"),
-        help="videos per split (default: 144 12 12; tao 120 24 24)",
+        help="videos per split (default: 144 48 48; tao 120 24 24)",
     )
     s.add_argument("--frames", type=int, default=None, help="frames per video (default 60)")
     s.add_argument(
