@@ -11,7 +11,6 @@ undoes start() in reverse with a bounded grace period.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import queue
@@ -22,10 +21,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
-import numpy as np
 import zmq
 
-from polymorphd.daemon.audio import AudioSource
+from polymorphd.daemon.audio import AudioFeed
 from polymorphd.daemon.config import DaemonConfig, load_config, overrides_from_args, summary
 from polymorphd.daemon.control import ControlServer
 from polymorphd.daemon.metrics import Metrics
@@ -36,7 +34,7 @@ from polymorphd.daemon.sources import Frame, FrameSource, Opener
 from polymorphd.daemon.stats import FrameSnapshot, FrameStats
 from polymorphd.daemon.store import crash_point, resolve_load_path
 from polymorphd.daemon.systemd import Notifier
-from polymorphd.models.core.errors import ConfigError, PolymorphError
+from polymorphd.models.core.errors import PolymorphError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +91,7 @@ class Daemon:
         self._started = time.monotonic()
         self._failed_unreported = 0  # failed frames not yet reported as dropped in a label message
         self._last_status = self._last_sd_status = float("-inf")
-        self.audio: AudioSource | None = None  # cfg.audio, while it works
-        self._audio_error: str | None = None  # why the daemon fell back to the visual exits
+        self.audio = AudioFeed(cfg.audio, cfg.audio_fps)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -109,7 +106,7 @@ class Daemon:
             if cfg.curve is not None:
                 self._start_auth(cfg)
             self.publisher = Publisher(self.ctx, cfg.pub, cfg.camera, cfg.payload_format, cfg.curve)
-            self._start_audio(cfg)
+            self.audio.start(self.engine)
             self.source = FrameSource.from_config(cfg, self._opener)
             self.source.start()
             handlers = {
@@ -186,8 +183,7 @@ class Daemon:
             clean = self.control.stop(left()) and clean
         if self.source is not None:
             self.source.stop(left())
-        if self.audio is not None:
-            self.audio.stop()
+        self.audio.stop()
         if self.publisher is not None and loop_done:
             self.state = "stopped"
             self._publish_status()
@@ -251,7 +247,7 @@ class Daemon:
         engine, state = self.slot.engine, self.slot.state
         try:
             self._meter_call(self.meter.sample)
-            mel = self._mel(frame, engine) if self.audio is not None else None
+            mel = self.audio.window(frame.index, frame.ts_ns, engine)
             r = engine.infer(frame.image, state, mel)
             energy = self._meter_call(self.meter.energy_mj, r.infer_t0_ns, r.infer_t1_ns)
             dropped = self.source.take_dropped() + self._failed_unreported
@@ -290,53 +286,6 @@ class Daemon:
         self.publisher.publish_labels(body)
         pub_dropped = self.publisher.dropped - pub_dropped
         self.frame_stats.frame(r.exit, r.adapters, latency, energy, dropped, pub_dropped)
-
-    def _start_audio(self, cfg: DaemonConfig) -> None:
-        """Open cfg.audio for the engine's audio exits; any failure leaves the visual exits and says why."""
-        if not cfg.audio:
-            return
-        mel = getattr(self.engine, "mel", None)
-        try:
-            if mel is None:
-                raise ConfigError(
-                    f"bundle {self.engine.bundle_id} has no audio exits (re-export a run trained with --audio)"
-                )
-            audio = AudioSource(cfg.audio, mel, fps=cfg.audio_fps)
-            audio.start()
-        except Exception as exc:  # a missing file, device or extra: the labels go on without audio
-            self._audio_failed(exc)
-            return
-        self.audio = audio
-        log.info("audio %s feeds the audiovisual exits", cfg.audio)
-
-    def _audio_failed(self, exc: BaseException) -> None:
-        self._audio_error = f"{type(exc).__name__}: {exc}"
-        log.warning(
-            "audio source %s failed (%s); serving with the visual exits", self.cfg.audio, self._audio_error
-        )
-        if self.audio is not None:
-            with contextlib.suppress(Exception):
-                self.audio.stop()
-        self.audio = None
-
-    def _mel(self, frame: Frame, engine: Any) -> np.ndarray | None:
-        """The frame's log-mel window, or None (visual exits) for a bundle without audio exits or after the
-        audio source failed (then for good, reported on status)."""
-        assert self.audio is not None
-        if (
-            getattr(engine, "mel", None) != self.audio.mel
-        ):  # a swapped-in bundle without (or with other) audio exits
-            return None
-        try:
-            return self.audio.mel_window(frame.index, frame.ts_ns)
-        except Exception as exc:
-            self._audio_failed(exc)
-            return None
-
-    def _audio_status(self) -> dict[str, Any]:
-        if self.audio is not None:
-            return {"state": "on", **self.audio.stats()}
-        return {"state": "failed", "uri": self.cfg.audio, "error": self._audio_error}
 
     def _meter_call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """A failing meter (a sysfs file gone, jtop died) costs the energy figure, never the labels."""
@@ -442,7 +391,7 @@ class Daemon:
             "dropped": snap.dropped,
             "source": src,
             "energy_source": self.meter.source if self.meter is not None else "none",
-            **({"audio": self._audio_status()} if self.cfg.audio else {}),
+            **({"audio": audio} if (audio := self.audio.status()) is not None else {}),
             "uptime_s": round(time.monotonic() - self._started, 1),
             "pid": os.getpid(),
         }

@@ -16,6 +16,7 @@ Under-runs are zero-padded, counted (windows and samples) and never block the fr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from dataclasses import dataclass
@@ -191,3 +192,62 @@ class AudioSource:
     def stats(self) -> dict[str, object]:
         u = self._impl.underruns
         return {"uri": self.uri, "underruns": u.windows, "underrun_samples": u.samples}
+
+
+class AudioFeed:
+    """The daemon's audio (config ``audio``): opened for the engine's audio exits, one log-mel window per frame.
+
+    Any failure (a bundle without audio exits, a missing file or device, a read error) falls back to the visual
+    exits for good and is reported on status; nothing here raises into the frame loop. A swapped-in bundle
+    without (or with other) audio exits is served visually while the source stays open."""
+
+    def __init__(self, uri: str | None, fps: float = 0.0) -> None:
+        self.uri, self.fps = uri, fps
+        self.source: AudioSource | None = None
+        self.error: str | None = None  # why the daemon fell back to the visual exits
+
+    def start(self, engine: Any) -> None:
+        if not self.uri:
+            return
+        mel = getattr(engine, "mel", None)
+        try:
+            if mel is None:
+                raise ConfigError(
+                    f"bundle {engine.bundle_id} has no audio exits (re-export a run trained with --audio)"
+                )
+            source = AudioSource(self.uri, mel, fps=self.fps)
+            source.start()
+        except Exception as exc:  # a missing file, device or extra: the labels go on without audio
+            self._failed(exc)
+            return
+        self.source = source
+        log.info("audio %s feeds the audiovisual exits", self.uri)
+
+    def window(self, index: int, ts_ns: int, engine: Any) -> np.ndarray | None:
+        """Frame ``index``'s log-mel window, or None: serve it with the visual exits."""
+        if self.source is None or getattr(engine, "mel", None) != self.source.mel:
+            return None
+        try:
+            return self.source.mel_window(index, ts_ns)
+        except Exception as exc:
+            self._failed(exc)
+            return None
+
+    def status(self) -> dict[str, Any] | None:
+        """For the status message; None when no audio is configured (the status is then as without audio)."""
+        if not self.uri:
+            return None
+        if self.source is not None:
+            return {"state": "on", **self.source.stats()}
+        return {"state": "failed", "uri": self.uri, "error": self.error}
+
+    def stop(self) -> None:
+        if self.source is not None:
+            with contextlib.suppress(Exception):
+                self.source.stop()
+        self.source = None
+
+    def _failed(self, exc: BaseException) -> None:
+        self.error = f"{type(exc).__name__}: {exc}"
+        log.warning("audio source %s failed (%s); serving with the visual exits", self.uri, self.error)
+        self.stop()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
-from polymorphd.daemon.audio import AudioBuffer, AudioSource
+from polymorphd.daemon.audio import AudioBuffer, AudioFeed, AudioSource
 from polymorphd.models.core.errors import ConfigError, MissingExtraError
 from polymorphd.models.core.melspec import MelConfig, log_mel
 from polymorphd.models.data.audio import write_wav
@@ -72,3 +74,33 @@ def test_alsa_without_the_audio_extra_says_what_to_install():
             AudioSource("alsa:hw:1,0", MEL)
     else:
         pytest.skip("sounddevice is installed here: the missing-extra path cannot be exercised")
+
+
+def test_the_feed_falls_back_to_the_visual_exits_for_good_and_says_why(tmp_path):
+    wav = f"wav:{tone_wav(tmp_path / 'a.wav')}"
+    heard = SimpleNamespace(bundle_id="b-av", mel=MEL)
+    deaf = SimpleNamespace(bundle_id="b-visual")  # a bundle without audio exits has no mel
+    assert AudioFeed(None).status() is None  # no audio configured: status as without audio
+    assert AudioFeed(None).window(10, 0, heard) is None
+
+    no_exits = AudioFeed(wav, fps=10.0)
+    no_exits.start(deaf)
+    assert (
+        no_exits.status()["state"] == "failed" and "b-visual has no audio exits" in no_exits.status()["error"]
+    )
+
+    feed = AudioFeed(wav, fps=10.0)
+    feed.start(heard)
+    assert feed.status() == {"state": "on", "uri": wav, "underruns": 0, "underrun_samples": 0}
+    assert np.allclose(feed.window(10, 0, heard)[0], log_mel(feed.source.window(10, 0), MEL))
+    assert feed.window(10, 0, deaf) is None  # a swapped-in visual bundle: visual exits, the source stays open
+    assert feed.status()["state"] == "on"
+
+    def broken(index, ts_ns):
+        raise OSError("device vanished")
+
+    feed.source.mel_window = broken
+    assert feed.window(11, 0, heard) is None  # the frame goes on visually...
+    assert feed.status() == {"state": "failed", "uri": wav, "error": "OSError: device vanished"}
+    assert feed.window(12, 0, heard) is None  # ...and so do the next ones
+    feed.stop()
