@@ -221,6 +221,29 @@ def test_deployed_exits_are_centred_on_their_own_class_thresholds(run, dataset) 
     assert ((centred > 0.5) == (p > t)).all()
 
 
+def test_calibration_on_few_videos_warns_and_names_the_fix(run, dataset, caplog) -> None:
+    from polymorphd.models.train.distributed import DistEnv
+    from polymorphd.models.train.loop import Ctx
+
+    out, _ = run
+    r = load_run(out)
+    calib = load_data(dataset, 32, progress=False).calib
+    ctx = Ctx(InputSpec(32), get_preset("tiny"), DistEnv(), 0, False)
+    with caplog.at_level("WARNING", logger="polymorphd.models.train.stages"):
+        stages.calibrate(r.vit, r.exits, calib, ctx)
+    assert f"calibration split validation has {calib.videos} videos" in caplog.text
+    assert f"aim for {stages.FEW_CALIBRATION_VIDEOS} or more" in caplog.text
+    caplog.clear()
+    reps = -(-stages.FEW_CALIBRATION_VIDEOS // len(calib.Y))  # enough frames to give each its own video
+    many = replace(
+        calib, images=np.concatenate([calib.images] * reps), Y=np.concatenate([calib.Y] * reps),
+        video_ids=np.arange(reps * len(calib.Y)),
+    )  # fmt: skip
+    with caplog.at_level("WARNING", logger="polymorphd.models.train.stages"):
+        stages.calibrate(r.vit, r.exits, many, ctx)
+    assert "videos: thresholds" not in caplog.text
+
+
 def test_resume_skips_finished_stages(run, dataset: Path) -> None:
     out, _ = run
     before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
