@@ -51,9 +51,16 @@ def warm(run_dir: Path, data_dir: Path, out: Path) -> None:
     print(f"wrote {out}")
 
 
-def _ms(v: list[float]) -> str:
-    a = np.array(v, dtype=np.float64) * 100
+def _ms(v: list[float | None]) -> str:
+    """mean ± std x100 of the values known (a context with no test positive has no mAP)."""
+    a = np.array([x for x in v if x is not None and np.isfinite(x)], dtype=np.float64) * 100
+    if not a.size:
+        return "n/a"
     return f"{a.mean():.2f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.2f}"
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
 
 
 def table(outs: list[Path], runs: list[Path]) -> None:
@@ -73,25 +80,27 @@ def table(outs: list[Path], runs: list[Path]) -> None:
     per_seed = {k: [[] for _ in outs] for k in gains}
     for i, first in enumerate(warm_rows[0]):
         cells = [_ms([rows[i][key] for rows in src]) for key, src in cols.values()]
-        d = [w[i]["map_adapter"] - w[i]["map_generalist_continued"] for w in warm_rows]
+        d = [_diff(w[i]["map_adapter"], w[i]["map_generalist_continued"]) for w in warm_rows]
         kept = sum(w[i]["best_epoch"] == 0 for w in warm_rows)
         print(
             f"| {i} | {len(first['classes'])} | " + " | ".join(cells) + f" | {_ms(d)} | {kept}/{len(outs)} |"
         )
         for s, (w, c) in enumerate(zip(warm_rows, cold_rows, strict=True)):
-            per_seed["warm - continued"][s].append(w[i]["map_adapter"] - w[i]["map_generalist_continued"])
-            per_seed["warm - generalist"][s].append(w[i]["map_adapter"] - w[i]["map_generalist"])
-            per_seed["cold - generalist"][s].append(c[i]["map_adapter"] - c[i]["map_generalist"])
+            per_seed["warm - continued"][s].append(
+                _diff(w[i]["map_adapter"], w[i]["map_generalist_continued"])
+            )
+            per_seed["warm - generalist"][s].append(_diff(w[i]["map_adapter"], w[i]["map_generalist"]))
+            per_seed["cold - generalist"][s].append(_diff(c[i]["map_adapter"], c[i]["map_generalist"]))
     print()
     print("| mean over contexts, per seed, then mean ± std over seeds | mAP x100 |")
     print("|---|---|")
     for k, seeds in per_seed.items():
-        print(f"| {k} | {_ms([float(np.mean(s)) for s in seeds])} |")
+        print(f"| {k} | {_ms([float(np.mean([x for x in s if x is not None])) for s in seeds])} |")
     print()
     summaries = [json.loads(p.read_text())["recipe"] for p in outs]
     print("| all classes (report split) | mAP | label F1 |")
     print("|---|---|---|")
-    for k in ("generalist_continued", "adapters_everywhere"):
+    for k in ("generalist", "generalist_continued", "adapters_everywhere"):
         print(
             f"| {k} | {_ms([s[k]['map'] for s in summaries])} | {_ms([s[k]['label_f1'] for s in summaries])} |"
         )
