@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import ValidationError
 
 from polymorphd.daemon.adapters import AdapterBank, read_adapter_file
 from polymorphd.daemon.graphs import Clock, Trunk
@@ -26,7 +27,14 @@ from polymorphd.daemon.modes import AudioExits, MergedTails, Pipeline
 from polymorphd.daemon.policy import ContextPolicy
 from polymorphd.export.core.verify import verify_bundle
 from polymorphd.models.core.errors import BundleError, ConfigError
-from polymorphd.models.core.knobs import EngineKnobs, PolicyKnobs, validate
+from polymorphd.models.core.knobs import (
+    CLASS_RECALL_KEY,
+    CLASS_RECALL_VERSION,
+    ClassRecall,
+    EngineKnobs,
+    PolicyKnobs,
+    validate,
+)
 from polymorphd.models.core.melspec import MelConfig
 from polymorphd.models.core.modes import MODES, Mode
 from polymorphd.models.core.preprocess import InputSpec, preprocess
@@ -147,7 +155,8 @@ class Engine:
             self._knobs = validate(EngineKnobs, {**known, "exit_thresholds": [e["threshold"] for e in exits]})
         except ConfigError as exc:
             raise BundleError(f"{adapters_root}: manifest policy or exit thresholds invalid: {exc}") from exc
-        policy = ContextPolicy(self.contexts, k, self._knobs.policy())
+        self.class_recall = _class_recall(adapters.get("policy", {}), exits, k, adapters_root)
+        policy = ContextPolicy(self.contexts, k, self._knobs.policy(), self.class_recall)
         lo, hi = _exit_arrays(self._knobs)
         centred = [bool(e.get("centred", False)) for e in exits]
         audio = base.get("audio")
@@ -247,7 +256,7 @@ class Engine:
         # everything validated: apply
         policy = new.policy()
         if policy != self._knobs.policy():
-            self._pipe.policy = ContextPolicy(self.contexts, len(self.classes), policy)
+            self._pipe.policy = ContextPolicy(self.contexts, len(self.classes), policy, self.class_recall)
             self._default_state = None
         self._pipe.lo, self._pipe.hi = _exit_arrays(new)
         if new.mode != self._knobs.mode and self._pipe.merged is not None:
@@ -310,6 +319,41 @@ class Engine:
         """Drop this engine's buffers and adapters; trunk sessions live on while another engine uses them."""
         self._closed = True
         self._default_state = None
+
+
+def _class_recall(
+    policy: dict[str, Any], exits: list[dict[str, Any]], k: int, root: Path
+) -> np.ndarray | None:
+    """The manifest policy's per-class recall thresholds (docs/bundle.md), or None: absent, or of a newer
+    block version (the single recall_threshold then, as before the block existed). A malformed block, or one
+    fit on another exit than the last, is refused: it would select adapters from the wrong scores."""
+    block = policy.get(CLASS_RECALL_KEY)
+    if block is None:
+        return None
+    if isinstance(block, dict) and block.get("version") != CLASS_RECALL_VERSION:
+        log.warning(
+            "%s: policy.%s version %r unknown (this polymorphd reads %d): using the single recall_threshold",
+            root, CLASS_RECALL_KEY, block.get("version"), CLASS_RECALL_VERSION,
+        )  # fmt: skip
+        return None
+    try:
+        cr = ClassRecall.model_validate(block) if isinstance(block, dict) else None
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        where = ".".join(str(x) for x in e["loc"])
+        raise BundleError(
+            f"{root}: manifest policy.{CLASS_RECALL_KEY}.{where} invalid: {e['msg']} (got {e['input']!r:.60})"
+        ) from exc
+    if cr is None or len(cr.thresholds) != k:
+        got = len(cr.thresholds) if cr is not None else type(block).__name__
+        raise BundleError(f"{root}: manifest policy.{CLASS_RECALL_KEY} needs {k} thresholds, got {got}")
+    last = exits[-1]["after_block"] if exits else None
+    if cr.exit_after_block != last:
+        raise BundleError(
+            f"{root}: manifest policy.{CLASS_RECALL_KEY} was fit on the exit after block "
+            f"{cr.exit_after_block}, but the policy reads the last exit's (after block {last}): re-export"
+        )
+    return np.asarray(cr.thresholds, dtype=np.float32)
 
 
 def _exit_arrays(knobs: EngineKnobs) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,9 @@
 
 After the last early exit, the likely labels of a frame are the labels published in the last few frames
 (temporal continuity) that the exit still supports (``support``; 0 keeps them all) plus the classes the
-exit scores above a high-recall threshold. The contexts that
+exit scores above a high-recall threshold: the class's own cut when the bundle has per-class recall
+thresholds (the manifest's ``policy.class_recall``, fit at calibration to keep a target recall of each
+class on the last exit), else the single ``recall_threshold``. The contexts that
 cover them (greedy set cover, at most `max_adapters`) are the adapters run in the LoRA tail. Every
 `refresh_every` frames, or when the exit's view disagrees with the last labels (scene change), the likely
 set widens to catch objects the exit barely sees. The knobs (``PolicyKnobs``) are defined, defaulted and
@@ -54,9 +56,26 @@ class PolicyState:
 class ContextPolicy:
     """Chooses the adapters for a frame and merges their scores. One per bundle, shared by streams."""
 
-    def __init__(self, contexts: Sequence[Sequence[int]], num_classes: int, cfg: PolicyKnobs) -> None:
+    def __init__(
+        self,
+        contexts: Sequence[Sequence[int]],
+        num_classes: int,
+        cfg: PolicyKnobs,
+        class_recall: Sequence[float] | np.ndarray | None = None,
+    ) -> None:
+        """``class_recall``: (K,) per-class recall thresholds on the exit's scores, used instead of
+        ``cfg.recall_threshold`` (None: the single threshold, as bundles without them)."""
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.class_recall: np.ndarray | None = None
+        if class_recall is not None:
+            cuts = np.asarray(class_recall, dtype=np.float32)
+            if cuts.shape != (num_classes,) or not np.isfinite(cuts).all():
+                raise ValueError(
+                    f"class_recall has shape {cuts.shape} or a non-finite value; expected ({num_classes},) "
+                    "finite thresholds, one per class"
+                )
+            self.class_recall = cuts
         self.index = ContextIndex.from_contexts(contexts, num_classes)
         orphans = np.flatnonzero(~self.index.member.any(axis=0))
         if orphans.size:
@@ -87,14 +106,15 @@ class ContextPolicy:
         cfg = self.cfg
         p = self._probs(exit_probs)
         state.frame += 1
-        exit_likely = set(np.flatnonzero(p > cfg.recall_threshold).tolist())
+        cut = cfg.recall_threshold if self.class_recall is None else self.class_recall
+        exit_likely = set(np.flatnonzero(p > cut).tolist())
         prev = state.prev_labels
         # scene change: the exit's likely set and the last labels disagree (two empty sets agree)
         union = len(exit_likely | prev)
         surprise = union > 0 and len(exit_likely & prev) < cfg.surprise_jaccard * union
         refresh = cfg.refresh_every > 0 and state.frame % cfg.refresh_every == 0
         if surprise or refresh:
-            exit_likely = set(np.flatnonzero(p > 0.5 * cfg.recall_threshold).tolist())
+            exit_likely = set(np.flatnonzero(p > 0.5 * cut).tolist())
         recent = state.recent
         if cfg.support > 0:  # recent labels the exit no longer supports have left the scene
             recent = frozenset(c for c in recent if p[c] > cfg.support)

@@ -85,6 +85,7 @@ class _ModeRecord:
     decisions: list[tuple[int | str, tuple[int, ...]]] = field(default_factory=list)
     knobs: dict[str, Any] = field(default_factory=dict)
     ann_adapters: list[int] = field(default_factory=list)  # adapters run, annotated frames only
+    ann_chosen: list[list[int]] = field(default_factory=list)  # their context ids, annotated frames only
     counts: list[tuple[float, int]] = field(default_factory=list)  # (published, true) on annotated frames
 
 
@@ -283,21 +284,48 @@ def _run_video(
             rec.answered.append(r.exit)
             rec.rows.append(truth_row[id(f)])
             rec.ann_adapters.append(len(r.adapters))
+            rec.ann_chosen.append(list(r.adapters))
 
 
 def _selection(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str, Any]:
     """On annotated frames that ran adapters: adapters per frame against the contexts the frame's true labels
-    need (greedy cover by the bundle's contexts), and their ratio (the policy's overhead; 1 = tight)."""
+    need (greedy cover by the bundle's contexts), and their ratio (the policy's overhead; 1 = tight).
+
+    Also over every annotated frame the final classifier answered (``*_final_frame``: frames where the
+    policy chose no adapter count as 0, so a selection cannot look tight by skipping frames), with the share
+    of those frames' true labels that the chosen contexts hold (``label_coverage``: 1 = no label missed)."""
+    out: dict[str, Any] = {}
+    final = [i for i, e in enumerate(rec.answered) if e == "final"]
+    if final and any(engine.contexts):
+        slot = {cid: j for j, cid in enumerate(engine.context_ids)}
+        truth = [np.flatnonzero(Y_all[rec.rows[i]]).tolist() for i in final]
+        held = [
+            set().union(*(engine.contexts[slot[c]] for c in rec.ann_chosen[i]))
+            if rec.ann_chosen[i]
+            else set()
+            for i in final
+        ]
+        n_true = sum(map(len, truth))
+        out = {
+            "final_frames": len(final),
+            "adapters_per_final_frame": float(np.mean([rec.ann_adapters[i] for i in final])),
+            "true_contexts_per_final_frame": float(
+                np.mean([len(greedy_cover(t, engine.contexts)) for t in truth])
+            ),
+            "label_coverage": sum(len(set(t) & h) for t, h in zip(truth, held, strict=True)) / n_true
+            if n_true
+            else None,
+        }
     ran = [i for i, a in enumerate(rec.ann_adapters) if a > 0]
     if not ran:
-        return {"adapters_per_tail_frame": None, "true_contexts_per_tail_frame": None}
+        return {"adapters_per_tail_frame": None, "true_contexts_per_tail_frame": None} | out
     needed = [len(greedy_cover(np.flatnonzero(Y_all[rec.rows[i]]).tolist(), engine.contexts)) for i in ran]
     used = float(np.mean([rec.ann_adapters[i] for i in ran]))
     return {
         "adapters_per_tail_frame": used,
         "true_contexts_per_tail_frame": float(np.mean(needed)),
         "tail_frames": len(ran),
-    }
+    } | out
 
 
 def _summarise(engine: Engine, rec: _ModeRecord, Y_all: np.ndarray) -> dict[str, Any]:

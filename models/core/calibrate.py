@@ -25,6 +25,7 @@ __all__ = [
     "final_scale",
     "global_threshold",
     "logit_offsets",
+    "recall_thresholds",
 ]
 
 # Candidate values for lo and hi: dense near 0 and 1, where confident exits live.
@@ -106,6 +107,40 @@ def decision_thresholds(Y: np.ndarray, P: np.ndarray, *, min_positives: int) -> 
     Yb = _labels(Y)
     per_class = class_thresholds(Yb, P)
     return np.where(Yb.sum(axis=0) >= min_positives, per_class, global_threshold(Yb, P))
+
+
+def _recall_cut(scores: np.ndarray, positives: np.ndarray, recall: float) -> float:
+    """The highest t with (scores > t) keeping ``recall`` of the positives: halfway between the last positive
+    that must stay and the next lower score (as ``class_thresholds`` places its cut), 0 below them all."""
+    pos = np.sort(scores[positives])[::-1]
+    kept = pos[max(1, int(np.ceil(recall * pos.size - 1e-9))) - 1]
+    lower = scores[scores < kept]
+    return float(0.5 * (kept + lower.max())) if lower.size else float(0.5 * kept)
+
+
+def recall_thresholds(
+    Y: np.ndarray, P: np.ndarray, *, recall: float, min_positives: int
+) -> tuple[np.ndarray, float]:
+    """Per-class thresholds t_k on scores P (F, K) that keep ``recall`` of each class's positive frames
+    (p > t_k), for the context policy's likely set: the tightest cut that still finds the frame's labels.
+
+    Classes with fewer than ``min_positives`` positive frames get one global threshold, the cut that keeps
+    ``recall`` of all positives of all classes pooled (as ``decision_thresholds`` falls back to one global
+    F1 threshold); it is also returned. Where no class has a positive, the global value is 0 (every score
+    counts: nothing is known). Ties: a score equal to the kept positive's is always kept.
+    """
+    if not 0.0 < recall <= 1.0:
+        raise ValueError(f"recall must be in (0, 1], got {recall}")
+    if min_positives < 1:
+        raise ValueError(f"min_positives must be >= 1, got {min_positives}")
+    Yb = _labels(Y)
+    Pf = _check_pair("P", P, Yb)
+    n_pos = Yb.sum(axis=0)
+    pooled = _recall_cut(Pf.ravel(), Yb.ravel(), recall) if n_pos.any() else 0.0
+    out = np.full(Yb.shape[1], pooled)
+    for k in np.flatnonzero(n_pos >= min_positives):
+        out[k] = _recall_cut(Pf[:, k], Yb[:, k], recall)
+    return out, pooled
 
 
 def _logit(p: np.ndarray, eps: float) -> np.ndarray:

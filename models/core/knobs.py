@@ -34,6 +34,9 @@ from polymorphd.models.core.errors import ConfigError
 from polymorphd.models.core.modes import Mode
 
 __all__ = [
+    "CLASS_RECALL_KEY",
+    "CLASS_RECALL_VERSION",
+    "ClassRecall",
     "EngineKnobs",
     "ExitThreshold",
     "KnobSettings",
@@ -84,7 +87,8 @@ class PolicyKnobs(_Knobs):
         gt=0,
         lt=1,
         description="an exit score above this makes a class likely; low on purpose, since a missed context "
-        "costs accuracy and an extra one only time",
+        "costs accuracy and an extra one only time. A bundle with per-class recall thresholds (manifest "
+        "policy.class_recall) uses those instead",
     )
     keep_frames: Count = Field(
         2, ge=0, description="a label published in the last N frames stays likely (temporal continuity)"
@@ -113,12 +117,44 @@ class PolicyKnobs(_Knobs):
 NEWER_POLICY_KNOBS = frozenset({"support"})
 
 
-def manifest_policy(knobs: PolicyKnobs | None = None) -> dict[str, Any]:
-    """The policy dict training writes into calibration.json (and export into the manifest)."""
+# The manifest policy's optional per-class recall block (docs/bundle.md "policy.class_recall"). Its version is
+# its own: a daemon uses a block of a version it knows and keeps the single recall_threshold otherwise.
+CLASS_RECALL_KEY = "class_recall"
+CLASS_RECALL_VERSION = 1
+
+
+def _unit(value: float) -> float:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"thresholds must lie in [0, 1], got {value}")
+    return value
+
+
+class ClassRecall(_Knobs):
+    """Per-class recall thresholds on the selecting (last) exit's scores, fit at calibration
+    (``calibrate.recall_thresholds``): the policy calls a class likely when the exit scores it above its own
+    threshold instead of above the single ``recall_threshold``."""
+
+    version: int = Field(description="the block's format; this polymorphd reads version 1")
+    target: float = Field(gt=0, le=1, description="the recall each class keeps on the calibration split")
+    exit_after_block: int = Field(ge=0, description="the exit whose scores the thresholds apply to")
+    min_positives: int = Field(ge=1, description="fewer calibration positives: the pooled cut instead")
+    pooled: Annotated[float, AfterValidator(_unit)] = Field(description="the fallback threshold")
+    thresholds: list[Annotated[float, AfterValidator(_unit)]] = Field(description="one per class")
+
+
+def manifest_policy(
+    knobs: PolicyKnobs | None = None, class_recall: ClassRecall | None = None
+) -> dict[str, Any]:
+    """The policy dict training writes into calibration.json (and export into the manifest), with the
+    per-class recall block when calibration fit one. Daemons ignore policy keys they do not know
+    (``Engine``), so a bundle with the block still loads in one that predates it."""
     knobs = knobs or PolicyKnobs()
     default = PolicyKnobs()
     skip = {k for k in NEWER_POLICY_KNOBS if getattr(knobs, k) == getattr(default, k)}
-    return knobs.model_dump(exclude=skip)
+    out = knobs.model_dump(exclude=skip)
+    if class_recall is not None:
+        out[CLASS_RECALL_KEY] = class_recall.model_dump()
+    return out
 
 
 class ExitThreshold(_Knobs):

@@ -8,7 +8,7 @@ the dataset, so presets build configs with ``vit_config(num_classes)``.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from polymorphd.models.core.errors import ConfigError
 from polymorphd.models.nn.exits import ExitConfig, ExitKind
@@ -97,6 +97,11 @@ class Preset:
     # a class gets its own decision threshold with at least this many positive calibration frames, else the
     # global one (calibrate.decision_thresholds): few positives, from one or two videos, overfit
     threshold_min_positives: int = 100
+    # the context policy's per-class recall thresholds on the last exit (calibrate.recall_thresholds, written
+    # into the manifest's policy.class_recall): each class keeps this share of its calibration positives in
+    # the likely set; classes with fewer than selection_min_positives positives get the pooled cut
+    selection_recall: float = 0.9
+    selection_min_positives: int = 20
     augment: Augment = field(default_factory=Augment)
     # the generalist's budget in optimizer steps (None: ``generalist.epochs`` as given): the epochs follow from
     # the dataset's size, so a bigger dataset is seen fewer times at the same cost (bench/data_curve.py)
@@ -117,6 +122,11 @@ class Preset:
             )
         if self.exit_views < 0:
             raise ConfigError(f"preset {self.name!r}: exit_views must be >= 0, got {self.exit_views}")
+        if not 0.0 < self.selection_recall <= 1.0 or self.selection_min_positives < 1:
+            raise ConfigError(
+                f"preset {self.name!r}: selection_recall must be in (0, 1] and selection_min_positives >= 1, "
+                f"got {self.selection_recall} and {self.selection_min_positives}"
+            )
         if self.lora_last_blocks > self.depth - max(self.exit_after, default=0):
             raise ConfigError(
                 f"preset {self.name!r}: LoRA on the last {self.lora_last_blocks} blocks overlaps the exit "
@@ -160,8 +170,14 @@ class Preset:
         return replace(self, generalist=replace(self.generalist, epochs=epochs))
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        # fields added after runs were saved are left out at their defaults, so those runs keep resuming
+        # (the run config's preset_config must match)
+        d = asdict(self)
+        default = {f.name: f.default for f in fields(self) if f.name in _NEWER_FIELDS}
+        return {k: v for k, v in d.items() if k not in default or v != default[k]}
 
+
+_NEWER_FIELDS = frozenset({"selection_recall", "selection_min_positives"})
 
 # fmt: off
 PRESETS: dict[str, Preset] = {

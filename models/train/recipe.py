@@ -175,9 +175,11 @@ def train_model(
     desc: str,
     bar,
     scale: int = 1,
+    keep_start: bool = False,
 ) -> dict:
     """One recipe model on the cached tokens, its classes only in the loss; keeps its best calibration epoch.
-    ``scale``: epochs of ``scale`` x ``EPOCH_SAMPLES`` samples (the all-class models: the adapters' total)."""
+    ``scale``: epochs of ``scale`` x ``EPOCH_SAMPLES`` samples (the all-class models: the adapters' total).
+    ``keep_start``: the model as given is epoch 0 and is kept when no epoch beats it (a warm start)."""
     p = ctx.preset
     cols = list(range(tok.Y.shape[1])) if classes is None else list(classes)
     cls = torch.tensor(cols, device=tok.Y.device)
@@ -192,7 +194,7 @@ def train_model(
     def score() -> float:
         return mean_average_precision(calib.Y[:, cols], probabilities(model, tok.calib)[:, cols])[0]
 
-    keep = KeepBest(model)
+    keep = KeepBest(model, score() if keep_start else None)
 
     def select(epoch: int) -> None:
         keep.update(score(), epoch)
@@ -217,6 +219,9 @@ ADAPTER_SCHEDULE = Schedule(epochs=4, lr=2e-3, batch_size=64, weight_decay=0.01)
 MAX_CONTEXT_SIZE = (
     14  # the tao profile's contexts hold 10-12 classes plus hubs: clustering may keep them whole
 )
+# adapters start from the generalist's LoRA and head (train_adapters): measured in docs/ARCHITECTURE.md
+# ("The method in its own setting", warm start)
+WARM_START = False
 LORA_LAST_BLOCKS = 1  # LoRA (and the full-tail model) on the last block: half the tail cost of two
 
 
@@ -272,6 +277,38 @@ def train_generalist(
     return adapter, res
 
 
+@torch.no_grad()
+def generalist_lora(base: VisionTransformer, generalist: VisionTransformer, lora_cfg) -> ContextAdapter:
+    """The generalist's LoRA and head as a ContextAdapter on ``base``, recovered from the merged weights: each
+    tail weight's difference from the base has rank <= r, so its truncated SVD gives factors whose product is
+    that difference (to float precision). A warm start for the adapters and the continued generalist."""
+    adapter = ContextAdapter(base.cfg, lora_cfg, head_init=generalist.head)
+    for n in adapter.param_names():
+        w0 = base.blocks[n.block].get_submodule(n.target).weight
+        w1 = generalist.blocks[n.block].get_submodule(n.target).weight
+        u, sv, vh = torch.linalg.svd((w1 - w0).double(), full_matrices=False)
+        r = lora_cfg.rank
+        root = sv[:r].sqrt()
+        adapter.lora_A[n.key].copy_((root[:, None] * vh[:r]).float())
+        adapter.lora_B[n.key].copy_((u[:, :r] * root / lora_cfg.scale).float())
+    return adapter
+
+
+def _continued_generalist(
+    base: VisionTransformer, warm: ContextAdapter, tok: Tokens, calib: SplitData, scale: int, ctx: Ctx, bar
+) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The generalist trained on for the warm adapters' total budget (``scale`` adapter budgets), from its own
+    weights (epoch 0 kept if nothing beats it): the fair comparison for adapters that start from it."""
+    torch.manual_seed(ctx.seed * 100 + 77)
+    adapter = copy.deepcopy(warm)
+    model = LoraTail(base, adapter)
+    res = train_model(
+        model, list(adapter.named_parameters()), tok, calib, None, [ctx.seed, 0x6F], ctx, "generalist (more)",
+        bar, scale, keep_start=True,
+    )  # fmt: skip
+    return probabilities(model, tok.report), probabilities(model, tok.calib), res
+
+
 def _full_tail(
     base: VisionTransformer, start: int, tok: Tokens, calib: SplitData, scale: int, ctx: Ctx, bar
 ) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -298,12 +335,19 @@ def train_adapters(
     report: SplitData,
     ctx: Ctx,
     full_tail: bool = True,
+    warm_start: bool | None = None,
 ) -> tuple[list[ContextAdapter], dict]:
     """One adapter per context on the frozen ``base``, and (``full_tail``) the full-tail single model; per context the mAP
     on its classes (all report frames) of the generalist, the adapter and the full-tail model.
 
+    ``warm_start`` (default ``WARM_START``): each adapter starts from the generalist's LoRA and head (epoch 0
+    is the generalist, kept when no epoch beats it on the calibration split), and the generalist trains on
+    for the adapters' total budget (``map_generalist_continued``: both sides spend the same), else from
+    a fresh LoRA with the generalist's head.
+
     Raises if ``base`` changes: the backbone must stay frozen.
     """
+    warm_start = WARM_START if warm_start is None else warm_start
     lora_cfg = ctx.preset.lora_config()
     start = tail_start(base.cfg, lora_cfg)
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
@@ -312,6 +356,7 @@ def train_adapters(
     gen_tail = LoraTail(generalist, ContextAdapter(generalist.cfg, lora_cfg, head_init=generalist.head))
     gen_probs = probabilities(gen_tail, tok.report)  # a fresh LoRA is the identity: the merged generalist
     gen_cal = probabilities(gen_tail, tok.calib)
+    warm = generalist_lora(base, generalist, lora_cfg).to(ctx.device) if warm_start else None
     bar = stage_bar("adapters", ctx)
     adapters, rows = [], []
     everywhere = np.zeros_like(gen_probs)  # each class scored by its contexts' adapters (mean), all frames
@@ -319,11 +364,14 @@ def train_adapters(
     covered = np.zeros(gen_probs.shape[1])
     for ci, classes in enumerate(contexts):
         torch.manual_seed(ctx.seed * 100 + ci)
-        adapter = ContextAdapter(base.cfg, lora_cfg, head_init=generalist.head).to(ctx.device)
+        if warm is None:
+            adapter = ContextAdapter(base.cfg, lora_cfg, head_init=generalist.head).to(ctx.device)
+        else:
+            adapter = copy.deepcopy(warm)
         model = LoraTail(base, adapter)
         res = train_model(
             model, list(adapter.named_parameters()), tok, calib, classes, [ctx.seed, ci, 0xAD], ctx,
-            f"context {ci + 1}/{len(contexts)}", bar,
+            f"context {ci + 1}/{len(contexts)}", bar, keep_start=warm is not None,
         )  # fmt: skip
         probs, cal = probabilities(model, tok.report), probabilities(model, tok.calib)
         everywhere[:, classes] += probs[:, classes]
@@ -340,9 +388,15 @@ def train_adapters(
         )  # fmt: skip
     if full_tail:
         full_probs, full_cal, full_res = _full_tail(base, start, tok, calib, len(contexts), ctx, bar)
+    if warm is not None:
+        more_probs, more_cal, more_res = _continued_generalist(
+            base, warm, tok, calib, len(contexts), ctx, bar
+        )
     bar.close()
     for r in rows:
         r["map_full_tail"] = _ctx_map(report.Y, full_probs, r["classes"]) if full_tail else None
+        if warm is not None:
+            r["map_generalist_continued"] = _ctx_map(report.Y, more_probs, r["classes"])
     for k, v in base.state_dict().items():
         if not torch.equal(v, before[k]):
             raise RuntimeError(
@@ -363,6 +417,8 @@ def train_adapters(
         "generalist": overall(gen_probs, gen_cal),
         "adapters_everywhere": overall(everywhere, everywhere_cal),
         **({"full_tail": overall(full_probs, full_cal) | full_res} if full_tail else {}),
+        **({"generalist_continued": overall(more_probs, more_cal) | more_res} if warm is not None else {}),
+        "warm_start": warm is not None,
         "budget_per_adapter": budget(ctx),
     }
     return adapters, {"adapters": rows, "recipe": summary}

@@ -22,9 +22,10 @@ from polymorphd.models.core.calibrate import (
     centre,
     decision_thresholds,
     logit_offsets,
+    recall_thresholds,
 )
 from polymorphd.models.core.cost import count_params, exit_flops, gflops
-from polymorphd.models.core.knobs import manifest_policy
+from polymorphd.models.core.knobs import CLASS_RECALL_VERSION, ClassRecall, manifest_policy
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.nn.exits import build_exit
 from polymorphd.models.nn.lora import ContextAdapter, adapter_logits, tail_start
@@ -430,10 +431,30 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
             entry = {"after_block": m.cfg.after_block, "lo": lo, "hi": hi}
             entry |= {k: jsonable(v) for k, v in stats.items()}
             out_exits.append(entry | {"logit_offsets": [float(x) for x in offsets]})
+            # the daemon's policy reads the last exit's (centred) scores
+            last = (m.cfg.after_block, centre(pe, offsets))
+    class_recall = fit_class_recall(calib.Y, *last, ctx.preset) if exits else None
     return {
         "class_thresholds": [float(t) for t in thr],
         "exits": out_exits,
-        "policy": manifest_policy(),  # the runtime policy's defaults, into the manifest
+        # the runtime policy's defaults and the per-class recall cuts, into the manifest
+        "policy": manifest_policy(class_recall=class_recall),
         "tolerance": ctx.preset.exit_tolerance,
         "split": calib.name,
     }
+
+
+def fit_class_recall(Y: np.ndarray, after_block: int, scores: np.ndarray, preset: Preset) -> ClassRecall:
+    """The policy's per-class recall cuts (manifest ``policy.class_recall``) on the last exit's centred
+    calibration scores: each class keeps ``preset.selection_recall`` of its positives, the pooled cut where
+    it has fewer than ``preset.selection_min_positives`` (``calibrate.recall_thresholds``)."""
+    recall, n = preset.selection_recall, preset.selection_min_positives
+    cuts, pooled = recall_thresholds(Y, scores, recall=recall, min_positives=n)
+    log.info(
+        "selection: recall %.2f cuts on the exit after block %d for %d of %d classes, pooled cut %.4g for "
+        "the rest", recall, after_block, int((Y.sum(axis=0) >= n).sum()), len(cuts), pooled,
+    )  # fmt: skip
+    return ClassRecall(
+        version=CLASS_RECALL_VERSION, target=recall, exit_after_block=after_block, min_positives=n,
+        pooled=pooled, thresholds=[float(t) for t in cuts],
+    )  # fmt: skip

@@ -345,3 +345,55 @@ def test_engine_runs_with_torch_unimportable(tiny_bundle):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def _with_class_recall(tiny_bundle, tmp_path, block) -> Path:
+    copy = tmp_path / "class_recall"
+    shutil.copytree(tiny_bundle, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["policy"]["class_recall"] = block
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    return copy
+
+
+def _class_recall_block(manifest: dict, cuts: list[float], **over) -> dict:
+    last = manifest["exits"][-1]["after_block"]
+    k = len(manifest["classes"])
+    block = {"version": 1, "target": 0.9, "exit_after_block": last, "min_positives": 20, "pooled": 0.3}
+    return block | {"thresholds": (cuts * k)[:k]} | over
+
+
+def test_manifest_with_and_without_per_class_recall_loads_and_selects_by_it(engine, tiny_bundle, tmp_path):
+    """A bundle without policy.class_recall keeps the single recall_threshold; with it, the per-class cuts
+    decide what is likely: cuts of 1 make nothing likely (no adapter runs), cuts of 0 everything."""
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    assert "class_recall" not in manifest["policy"] and engine.class_recall is None
+    f = frames(1, seed=5)[0]
+    knobs = {"mode": "polymorph", "exit_thresholds": OFF, "max_adapters": 1, "recall_threshold": 0.01}
+    engine.set_knobs(**knobs)
+    assert len(engine.infer(f, engine.new_state()).adapters) == 1
+    for cut, adapters in ((1.0, 0), (0.0, 2)):
+        path = _with_class_recall(tiny_bundle, tmp_path / str(cut), _class_recall_block(manifest, [cut]))
+        e = load_engine(path)
+        np.testing.assert_array_equal(e.class_recall, np.full(len(e.classes), cut, dtype=np.float32))
+        e.set_knobs(**(knobs | {"max_adapters": 2}))  # rebuilding the policy keeps the cuts
+        assert len(e.infer(f, e.new_state()).adapters) == adapters
+        e.close()
+
+
+def test_per_class_recall_block_is_checked_and_a_newer_version_is_ignored(tiny_bundle, tmp_path):
+    manifest = json.loads((tiny_bundle / "manifest.json").read_text())
+    bad = [
+        (_class_recall_block(manifest, [0.2])["thresholds"][:3], "needs 10 thresholds, got list"),
+        (_class_recall_block(manifest, [0.2], thresholds=[0.2] * 3), "needs 10 thresholds, got 3"),
+        (_class_recall_block(manifest, [1.5]), r"class_recall\.thresholds\.0 invalid: .*\[0, 1\]"),
+        (_class_recall_block(manifest, [0.2], exit_after_block=0), "fit on the exit after block 0"),
+        (_class_recall_block(manifest, [0.2], target=0), r"class_recall\.target invalid"),
+    ]
+    for i, (block, message) in enumerate(bad):
+        with pytest.raises(BundleError, match=message):
+            load_engine(_with_class_recall(tiny_bundle, tmp_path / str(i), block))
+    newer = _class_recall_block(manifest, [0.2], version=2, thresholds="another layout")
+    e = load_engine(_with_class_recall(tiny_bundle, tmp_path / "newer", newer))
+    assert e.class_recall is None  # the single recall_threshold, as before the block existed
+    e.close()

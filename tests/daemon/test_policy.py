@@ -218,3 +218,51 @@ def test_support_keeps_a_present_label_the_exit_scores_low_but_above_support() -
     # c0 at 0.1: below recall_threshold (0.2), so only continuity keeps it, and support allows it
     assert pol.select(st, _p(c0=0.1)) == [0] and st.last_likely == {0}
     assert pol.select(st, _p(c0=0.01)) == [] and st.last_reason == "empty"
+
+
+def test_class_recall_picks_the_adapters_the_frames_labels_need_and_fewer_than_one_threshold() -> None:
+    """A hand-made scene: c0 (context 0) throughout, its look-alike c4 (context 2) entering at frame 4 and
+    leaving at frame 6, c6 (context 3) never present. The exit scores the absent c4 and c6 at 0.25-0.3, above
+    the single recall_threshold (0.2), so that one threshold fills both adapters on every frame. Cuts fit
+    on a calibration set where c4 and c6 score above 0.4 when present keep only the needed contexts."""
+    from polymorphd.models.core.calibrate import recall_thresholds
+
+    rng = np.random.default_rng(0)
+    Y = rng.random((400, K)) < 0.3
+    P = np.where(Y, rng.uniform(0.45, 0.95, Y.shape), rng.uniform(0.0, 0.35, Y.shape))
+    cuts, _ = recall_thresholds(Y, P, recall=0.9, min_positives=20)
+    assert (cuts > 0.35).all() and (cuts < 0.55).all()
+    absent = {"c4": 0.3, "c6": 0.25}
+    frames = [
+        _p(c0=0.8, **absent), _p(c0=0.8, **absent), _p(c0=0.8, **absent),
+        _p(c0=0.8, c4=0.7, c6=0.25), _p(c0=0.8, c4=0.7, c6=0.25),
+        _p(c0=0.8, c4=0.02, c6=0.25), _p(c0=0.8, c4=0.02, c6=0.25),
+    ]  # fmt: skip
+    labels = [_mask(0)] * 3 + [_mask(0, 4)] * 2 + [_mask(0)] * 2
+    needed = [[0]] * 3 + [[0, 2]] * 2 + [[0]] * 2  # contexts covering the frame's true labels
+
+    def run(class_recall: np.ndarray | None, **cfg: object) -> list[list[int]]:
+        pol = ContextPolicy(
+            CONTEXTS, K, PolicyKnobs(refresh_every=0, surprise_jaccard=0.0, **cfg), class_recall
+        )
+        st = pol.new_state()
+        out = []
+        for p, lab in zip(frames, labels, strict=True):
+            out.append(pol.select(st, p))
+            pol.observe(st, lab)
+        return out
+
+    single = run(None)
+    assert all(len(c) == 2 for c in single)  # max_adapters, whatever the frame holds
+    # per-class cuts: the needed contexts, except that the departed c4 stays 2 frames (keep_frames) ...
+    assert run(cuts) == [*needed[:5], [0, 2], [0, 2]]
+    # ... unless the recent-labels rule also asks the exit (support): then exactly what the labels need
+    assert run(cuts, support=0.05) == needed
+    assert sum(map(len, run(cuts, support=0.05))) == 9 < sum(map(len, single)) == 14
+
+
+def test_class_recall_must_have_one_finite_cut_per_class() -> None:
+    with pytest.raises(ValueError, match=r"expected \(8,\) finite thresholds"):
+        ContextPolicy(CONTEXTS, K, PolicyKnobs(), np.full(7, 0.3))
+    with pytest.raises(ValueError, match="non-finite"):
+        ContextPolicy(CONTEXTS, K, PolicyKnobs(), np.array([0.3] * 7 + [np.nan]))

@@ -279,3 +279,24 @@ def test_intervals_resample_videos_and_pair_each_mode_with_full(tiny_bundle, dat
     assert "95 % interval" not in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--resamples must be >= 0, got -3"):
         cli_eval(args(tiny_bundle, dataset, resamples=-3))
+
+
+def test_selection_on_final_frames_counts_frames_without_adapters_and_the_labels_covered(
+    tiny_bundle, dataset
+):
+    """Frames the final classifier answered with no adapter count as 0 adapters (a selection cannot look
+    tight by skipping frames), and label_coverage is the share of their true labels the chosen contexts hold:
+    none chosen (every class below its recall cut) covers nothing; every context chosen covers everything."""
+    engine = load_engine(tiny_bundle, threads=1)
+    split = load_split(dataset, "validation", include_unannotated=True)
+    off = {"exit_thresholds": [[0.0, 1.0], [0.0, 1.0]]}  # every frame reaches the final classifier
+    engine.set_knobs(max_adapters=3, recall_threshold=0.99, keep_frames=0, refresh_every=0, **off)
+    engine.set_knobs(surprise_jaccard=0.0)
+    none = evaluate(engine, split, ["polymorph"]).report["modes"]["polymorph"]
+    annotated = split.annotated_frames()
+    assert none["final_frames"] == len(annotated)
+    assert none["adapters_per_final_frame"] == 0.0 and none["adapters_per_tail_frame"] is None
+    assert none["label_coverage"] == 0.0 and none["true_contexts_per_final_frame"] > 0
+    engine.set_knobs(recall_threshold=1e-6)  # every class likely: all three contexts, every label covered
+    every = evaluate(engine, split, ["polymorph"]).report["modes"]["polymorph"]
+    assert every["adapters_per_final_frame"] == 3.0 and every["label_coverage"] == 1.0

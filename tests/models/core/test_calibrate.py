@@ -14,6 +14,7 @@ from polymorphd.models.core.calibrate import (
     final_scale,
     global_threshold,
     logit_offsets,
+    recall_thresholds,
 )
 from polymorphd.models.core.exitrule import exit_decides, exit_labels
 from polymorphd.models.core.metrics import frame_f1, mean_average_precision
@@ -298,3 +299,36 @@ def test_final_scale_undoes_centring() -> None:
     p = np.array([[0.01, 0.2, 0.5, 0.95], [0.5, 0.5, 0.5, 0.5]])
     assert final_scale(centre(p, logit_offsets(t)), t) == pytest.approx(p)
     assert final_scale(p[1:], t)[0] == pytest.approx(t)
+
+
+def test_recall_thresholds_keep_the_target_share_of_each_class_and_pool_the_few() -> None:
+    # class 0: 10 positives scored 0.91..1.0, negatives 0.05..0.5; keeping 0.9 keeps the 9 best positives:
+    # the cut sits halfway between the 9th (0.92) and the next lower score (0.91, the 10th positive)
+    pos0 = np.linspace(1.0, 0.91, 10)
+    neg0 = np.linspace(0.5, 0.05, 10)
+    # class 1: 3 positives (under min_positives), class 2: none
+    s1 = np.array([0.8, 0.6, 0.3, *np.full(17, 0.1)])
+    Y = np.zeros((20, 3), dtype=bool)
+    Y[:10, 0] = True
+    Y[:3, 1] = True
+    P = np.stack([np.concatenate([pos0, neg0]), s1, np.full(20, 0.2)], axis=1)
+    cuts, pooled = recall_thresholds(Y, P, recall=0.9, min_positives=5)
+    assert cuts[0] == pytest.approx(0.5 * (0.92 + 0.91))
+    # pooled over all 13 positives: keep ceil(0.9 * 13) = 12, i.e. all but the lowest (0.3); the 12th is 0.6
+    # and the next lower score in the pooled set is 0.5
+    assert pooled == pytest.approx(0.55) and cuts[1] == cuts[2] == pytest.approx(0.55)
+    # exactly the target recall on the calibration data, where the class has its own cut
+    assert (P[Y[:, 0], 0] > cuts[0]).mean() == pytest.approx(0.9)
+    # recall 1 keeps every positive: below the lowest one (0.91), above the highest negative (0.5)
+    full, _ = recall_thresholds(Y, P, recall=1.0, min_positives=5)
+    assert full[0] == pytest.approx(0.5 * (0.91 + 0.5)) and (P[Y[:, 0], 0] > full[0]).all()
+    none, pooled0 = recall_thresholds(
+        np.zeros((4, 2), bool), np.full((4, 2), 0.3), recall=0.9, min_positives=1
+    )
+    assert pooled0 == 0.0 and (none == 0.0).all()  # nothing known: every score counts
+    for kw, msg in (
+        ({"recall": 0.0, "min_positives": 1}, "recall"),
+        ({"recall": 0.9, "min_positives": 0}, "min_pos"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            recall_thresholds(Y, P, **kw)

@@ -165,3 +165,22 @@ def test_one_mode_list_cheap_to_import():
     # the CLI reads it for --mode: the module must not pull in pydantic (or anything else)
     code = "import sys, polymorphd.models.core.modes; assert 'pydantic' not in sys.modules, 'pydantic'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_manifest_policy_carries_the_class_recall_block_beside_the_v1_knobs():
+    from polymorphd.models.core.knobs import ClassRecall
+
+    block = ClassRecall(
+        version=1, target=0.9, exit_after_block=4, min_positives=20, pooled=0.1, thresholds=[0.1, 0.4]
+    )
+    policy = manifest_policy(class_recall=block)
+    assert policy["class_recall"] == {
+        "version": 1, "target": 0.9, "exit_after_block": 4, "min_positives": 20, "pooled": 0.1,
+        "thresholds": [0.1, 0.4],
+    }  # fmt: skip
+    assert {k: v for k, v in policy.items() if k != "class_recall"} == manifest_policy()
+    # the knobs model never takes it (daemons filter policy keys by the knobs they know)
+    with pytest.raises(ConfigError, match="unknown knob 'class_recall'"):
+        validate(PolicyKnobs, policy)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ClassRecall(**(block.model_dump() | {"thresholds": [0.1, 1.2]}))

@@ -61,7 +61,10 @@ def test_backbone_is_unchanged_by_generalist_and_adapter_training(ctx):
     for r in rows:
         for key in ("map_generalist", "map_adapter", "map_full_tail"):
             assert 0.0 <= r[key] <= 1.0
-    assert set(res["recipe"]) == {"generalist", "adapters_everywhere", "full_tail", "budget_per_adapter"}
+    assert set(res["recipe"]) == {
+        "generalist", "adapters_everywhere", "full_tail", "budget_per_adapter", "warm_start"
+    }  # fmt: skip
+    assert res["recipe"]["warm_start"] is recipe.WARM_START
     # the all-class models get the adapters' total: the generalist as many budgets as it was told (the run
     # passes its context count), the full-tail model one per context
     assert gen["budget"]["steps"] == 4 and res["recipe"]["full_tail"]["budget"]["steps"] == 2 * 4
@@ -119,3 +122,32 @@ def test_class_token_tail_equals_the_plain_tail_with_and_without_lora() -> None:
     torch.testing.assert_close(
         full(tokens), vit.forward_head(vit.forward_blocks(tokens, 2, 4)), atol=1e-5, rtol=1e-5
     )
+
+
+def test_warm_adapters_start_as_the_generalist_which_trains_on_for_their_budget(ctx):
+    """The generalist's LoRA comes back from the merged weights (SVD of the rank-r difference): a warm adapter
+    at epoch 0 scores exactly as the generalist. The generalist then gets the adapters' total budget more,
+    and each model keeps its epoch 0 unless an epoch beats it on the calibration split."""
+    torch.manual_seed(0)
+    base = VisionTransformer(ctx.preset.vit_config(6))
+    train, calib, report = _split("train", 96, 0), _split("validation", 32, 1), _split("test", 32, 2)
+    gen_adapter, _ = recipe.train_generalist(base, train, calib, report, ctx)
+    generalist = merged_copy(base, gen_adapter)
+    lora_cfg = ctx.preset.lora_config()
+    warm = recipe.generalist_lora(base, generalist, lora_cfg)
+    tokens = torch.randn(5, base.cfg.num_tokens, base.cfg.embed_dim)
+    start = warm.start
+    direct = recipe.tail_cls_logits(generalist.blocks[start:], generalist.norm, generalist.head, tokens)
+    torch.testing.assert_close(recipe.LoraTail(base, warm)(tokens), direct, atol=1e-4, rtol=1e-4)
+    contexts = [[0, 1, 2], [3, 4, 5]]
+    adapters, res = recipe.train_adapters(
+        base, generalist, contexts, train, calib, report, ctx, full_tail=False, warm_start=True
+    )
+    summary, rows = res["recipe"], res["adapters"]
+    assert summary["warm_start"] is True and "full_tail" not in summary
+    assert summary["generalist_continued"]["budget"]["steps"] == 2 * 4  # one adapter budget per context
+    for r, a in zip(rows, adapters, strict=True):
+        assert 0.0 <= r["map_generalist_continued"] <= 1.0 and r["best_epoch"] >= 0
+        if r["best_epoch"] == 0:  # kept the start: the generalist itself on its classes
+            assert r["map_adapter"] == pytest.approx(r["map_generalist"], abs=1e-6)
+            torch.testing.assert_close(a.head.weight, generalist.head.weight)

@@ -66,6 +66,11 @@ def test_run_directory_loads_and_matches_the_preset(run) -> None:
     assert len(cal["class_thresholds"]) == 8 and len(cal["exits"]) == 2
     assert all(0.0 <= e["lo"] <= e["hi"] <= 1.0 for e in cal["exits"])
     assert cal["policy"]["max_adapters"] >= 1
+    # the policy's per-class recall cuts, fit on the last exit's calibration scores
+    cr = cal["policy"]["class_recall"]
+    assert cr["version"] == 1 and cr["exit_after_block"] == r.exit_configs[-1].after_block
+    assert cr["target"] == preset.selection_recall and len(cr["thresholds"]) == 8
+    assert all(0.0 <= t <= 1.0 for t in cr["thresholds"])
     # every class reachable through some context
     assert set().union(*map(set, r.contexts)) == set(range(8))
 
@@ -484,3 +489,13 @@ def test_init_from_a_checkpoint_starts_the_generalist_from_its_weights(dataset, 
     notes = json.loads((tmp_path / "run" / "stages.json").read_text())["stages"]["generalist"]["result"]
     assert any("head re-initialised" in n for n in notes["init_notes"])
     assert res.ran == list(STAGES)
+
+
+def test_preset_fields_newer_than_saved_runs_are_left_out_at_their_defaults() -> None:
+    """selection_recall / selection_min_positives came after runs were saved: at their defaults they are not
+    in the run config's preset_config, so those runs keep resuming; set, they are recorded."""
+    p = get_preset("small")
+    assert "selection_recall" not in p.to_dict() and "selection_min_positives" not in p.to_dict()
+    assert replace(p, selection_recall=0.8).to_dict()["selection_recall"] == 0.8
+    with pytest.raises(ConfigError, match="selection_recall must be in"):
+        replace(p, selection_recall=0.0)
