@@ -33,8 +33,8 @@ from torch import nn
 
 from polymorphd.models.core.calibrate import decision_thresholds
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
-from polymorphd.models.nn.lora import ContextAdapter, tail_start
-from polymorphd.models.nn.vit import Block, LoraDeltas, VisionTransformer, lora_linear
+from polymorphd.models.nn.lora import AdapterTail, ContextAdapter, tail_cls_logits, tail_start
+from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train.augment import mixup
 from polymorphd.models.train.loop import (
     Ctx,
@@ -52,49 +52,6 @@ log = logging.getLogger(__name__)
 
 EPOCH_SAMPLES = 2048  # samples per epoch for every model of the recipe: equal optimizer steps for each
 EVAL_ROWS = 512
-
-
-def cls_block(blk: Block, x: torch.Tensor, lora: LoraDeltas | None = None) -> torch.Tensor:
-    """``blk(x, lora)[:, :1]`` computed for the class token only: keys and values need every token, the
-    query, projection and MLP only the class token's row. The same numbers (``tests/models/train/
-    test_recipe.py``) for about a third of a tail block's FLOPs at 65 tokens: what makes the recipe's many
-    tail models affordable to train (the exported graphs run the plain block)."""
-    lora = lora or {}
-    attn = blk.attn
-    b, n, c = x.shape
-    qkv = lora_linear(attn.qkv, blk.norm1(x), lora.get("attn.qkv"))
-    qkv = qkv.reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, D)
-    q, k, v = qkv.unbind(0)
-    y = F.scaled_dot_product_attention(q[:, :, :1], k, v)  # (B, H, 1, D)
-    y = lora_linear(attn.proj, y.transpose(1, 2).reshape(b, 1, c), lora.get("attn.proj"))
-    x0 = x[:, :1] + y
-    return x0 + blk.mlp(blk.norm2(x0), lora)
-
-
-def tail_cls_logits(
-    blocks: Sequence[Block], norm: nn.Module, head: nn.Module, tokens: torch.Tensor,
-    deltas: dict[int, LoraDeltas] | None = None, start: int = 0,
-) -> torch.Tensor:  # fmt: skip
-    """Tail blocks over trunk tokens, the last one for the class token only, then norm and head -> (B, K)."""
-    deltas = deltas or {}
-    x = tokens
-    for i, blk in enumerate(blocks[:-1]):
-        x = blk(x, deltas.get(start + i))
-    x = cls_block(blocks[-1], x, deltas.get(start + len(blocks) - 1))
-    return head(norm(x)[:, 0])
-
-
-class LoraTail(nn.Module):
-    """One LoRA + head over cached trunk tokens of a frozen base (held, not registered)."""
-
-    def __init__(self, base: VisionTransformer, adapter: ContextAdapter) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self._base = (base,)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        base, a = self._base[0], self.adapter
-        return tail_cls_logits(base.blocks[a.start :], base.norm, a.head, tokens, a.deltas(), a.start)
 
 
 class FullTail(nn.Module):
@@ -253,7 +210,7 @@ def train_generalist(
     tok = cache_tokens(base, start, train, calib, report, ctx)
     torch.manual_seed(ctx.seed * 100 + 7)
     adapter = ContextAdapter(base.cfg, lora_cfg, head_init=base.head).to(ctx.device)
-    model = LoraTail(base, adapter)
+    model = AdapterTail(base, adapter)
     bar = stage_bar("generalist (LoRA)", ctx)
     res = train_model(
         model,
@@ -301,7 +258,7 @@ def _continued_generalist(
     weights (epoch 0 kept if nothing beats it): the fair comparison for adapters that start from it."""
     torch.manual_seed(ctx.seed * 100 + 77)
     adapter = copy.deepcopy(warm)
-    model = LoraTail(base, adapter)
+    model = AdapterTail(base, adapter)
     res = train_model(
         model, list(adapter.named_parameters()), tok, calib, None, [ctx.seed, 0x6F], ctx, "generalist (more)",
         bar, scale, keep_start=True,
@@ -353,7 +310,7 @@ def train_adapters(
     before = {k: v.detach().clone() for k, v in base.state_dict().items()}
     tok = cache_tokens(base, start, train, calib, report, ctx)
     freeze(generalist)
-    gen_tail = LoraTail(generalist, ContextAdapter(generalist.cfg, lora_cfg, head_init=generalist.head))
+    gen_tail = AdapterTail(generalist, ContextAdapter(generalist.cfg, lora_cfg, head_init=generalist.head))
     gen_probs = probabilities(gen_tail, tok.report)  # a fresh LoRA is the identity: the merged generalist
     gen_cal = probabilities(gen_tail, tok.calib)
     warm = generalist_lora(base, generalist, lora_cfg).to(ctx.device) if warm_start else None
@@ -368,7 +325,7 @@ def train_adapters(
             adapter = ContextAdapter(base.cfg, lora_cfg, head_init=generalist.head).to(ctx.device)
         else:
             adapter = copy.deepcopy(warm)
-        model = LoraTail(base, adapter)
+        model = AdapterTail(base, adapter)
         res = train_model(
             model, list(adapter.named_parameters()), tok, calib, classes, [ctx.seed, ci, 0xAD], ctx,
             f"context {ci + 1}/{len(contexts)}", bar, keep_start=warm is not None,

@@ -28,7 +28,7 @@ from polymorphd.models.core.cost import count_params, exit_flops, gflops
 from polymorphd.models.core.knobs import CLASS_RECALL_VERSION, ClassRecall, manifest_policy
 from polymorphd.models.core.metrics import label_quality, mean_average_precision
 from polymorphd.models.nn.exits import build_exit
-from polymorphd.models.nn.lora import ContextAdapter, adapter_logits, tail_start
+from polymorphd.models.nn.lora import AdapterTail, ContextAdapter, tail_start
 from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train.augment import mixup
 from polymorphd.models.train.distributed import wrap
@@ -264,18 +264,6 @@ def train_exits(
 # --- stage 4 -----------------------------------------------------------------------------------------------
 
 
-class _Tail(nn.Module):
-    """One adapter over cached trunk tokens; the frozen backbone is held, not registered (DDP syncs the adapter)."""
-
-    def __init__(self, vit: VisionTransformer, adapter: ContextAdapter) -> None:
-        super().__init__()
-        self.adapter = adapter
-        self._vit = (vit,)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return adapter_logits(self._vit[0], tokens, self.adapter)
-
-
 def _context_map(Y: np.ndarray, P: np.ndarray, classes: Sequence[int]) -> float | None:
     return jsonable(mean_average_precision(Y[:, classes], P[:, classes])[0])
 
@@ -309,7 +297,7 @@ def train_adapters(
     for ci, classes in enumerate(contexts):
         torch.manual_seed(ctx.seed * 100 + ci)
         adapter = ContextAdapter(vit.cfg, lora_cfg, head_init=vit.head).to(ctx.device)
-        tail = _Tail(vit, adapter)
+        tail = AdapterTail(vit, adapter)
         model = wrap(tail, ctx.env)
         present = train.Y[:, classes].any(axis=1)
         pos, neg = np.flatnonzero(present), np.flatnonzero(~present)

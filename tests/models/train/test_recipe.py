@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from polymorphd.models.core.preprocess import InputSpec
+from polymorphd.models.nn import lora
 from polymorphd.models.nn.lora import merged_copy
 from polymorphd.models.nn.vit import VisionTransformer
 from polymorphd.models.train import recipe
@@ -104,7 +105,7 @@ def test_epoch_pools_have_equal_size_and_the_contexts_share_of_negatives(monkeyp
 
 
 def test_class_token_tail_equals_the_plain_tail_with_and_without_lora() -> None:
-    from polymorphd.models.nn.lora import ContextAdapter, adapter_logits
+    from polymorphd.models.nn.lora import AdapterTail, ContextAdapter
 
     torch.manual_seed(1)
     preset = get_preset("tiny")
@@ -115,8 +116,8 @@ def test_class_token_tail_equals_the_plain_tail_with_and_without_lora() -> None:
         with torch.no_grad():
             for p in a.lora_B.values():
                 p.normal_(std=0.1)
-        want = adapter_logits(vit, tokens, a)
-        got = recipe.LoraTail(vit, a)(tokens)
+        want = vit.forward_head(vit.forward_blocks(tokens, a.start, vit.cfg.depth, a.deltas()), a.head)
+        got = AdapterTail(vit, a)(tokens)  # the class-token-only last block
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     full = recipe.FullTail(vit, vit.cfg.depth - 2)
     torch.testing.assert_close(
@@ -137,8 +138,8 @@ def test_warm_adapters_start_as_the_generalist_which_trains_on_for_their_budget(
     warm = recipe.generalist_lora(base, generalist, lora_cfg)
     tokens = torch.randn(5, base.cfg.num_tokens, base.cfg.embed_dim)
     start = warm.start
-    direct = recipe.tail_cls_logits(generalist.blocks[start:], generalist.norm, generalist.head, tokens)
-    torch.testing.assert_close(recipe.LoraTail(base, warm)(tokens), direct, atol=1e-4, rtol=1e-4)
+    direct = lora.tail_cls_logits(generalist.blocks[start:], generalist.norm, generalist.head, tokens)
+    torch.testing.assert_close(lora.AdapterTail(base, warm)(tokens), direct, atol=1e-4, rtol=1e-4)
     contexts = [[0, 1, 2], [3, 4, 5]]
     adapters, res = recipe.train_adapters(
         base, generalist, contexts, train, calib, report, ctx, full_tail=False, warm_start=True

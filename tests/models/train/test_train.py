@@ -281,14 +281,16 @@ def test_adapter_training_that_touches_the_base_is_caught(run, dataset, tmp_path
     log = json.loads((out / "stages.json").read_text())
     del log["stages"]["adapters"], log["stages"]["calibration"]
     (out / "stages.json").write_text(json.dumps(log))
-    real = stages.adapter_logits
+    from polymorphd.models.nn import lora
+
+    real = lora.adapter_logits
 
     def tampering(vit, tokens, adapter):
         with torch.no_grad():
             vit.norm.weight.add_(1e-3)
         return real(vit, tokens, adapter)
 
-    monkeypatch.setattr(stages, "adapter_logits", tampering)
+    monkeypatch.setattr(lora, "adapter_logits", tampering)
     with pytest.raises(RuntimeError, match=r"backbone tensor norm\.weight changed"):
         train(dataset, out, get_preset("tiny"), seed=3, progress=False)
 
