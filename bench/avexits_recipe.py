@@ -58,7 +58,7 @@ def deployed(run_dir: Path, vit: VisionTransformer, data, ctx: Ctx) -> dict:
     return res
 
 
-def one_seed(run_dir: Path, data, seed: int, mel: MelConfig) -> dict:
+def one_seed(run_dir: Path, data, seed: int, mel: MelConfig, variants: list[str], save=None) -> dict:
     cfg = json.loads((run_dir / "config.json").read_text())
     preset = get_preset(cfg["preset"])
     vit = VisionTransformer(preset.vit_config(len(data.class_ids)))
@@ -68,11 +68,14 @@ def one_seed(run_dir: Path, data, seed: int, mel: MelConfig) -> dict:
     result["deployed"] = deployed(run_dir, vit, data, ctx)
     positions = list(preset.exit_after)
     for augment in avexits.AUGMENTS:
+        weights = [float(v.split(":")[1]) for v in variants if v.split(":")[0] == augment]
+        if not weights:
+            continue
         t0 = time.perf_counter()
         cache = avexits.features(
             vit, data.train, ctx, positions, avexits.VIEWS, seed=seed * 7919 + 13, augment=augment
         )
-        for weight in (avexits.COUNT_WEIGHT, 0.0):
+        for weight in weights:
             exits, final = avexits.train(
                 vit, data.train, ctx, mel, avexits.VIEWS, count_weight=weight, cache=cache
             )
@@ -89,6 +92,8 @@ def one_seed(run_dir: Path, data, seed: int, mel: MelConfig) -> dict:
                 "final": res["final"],
                 "cascade": res["cascade"],
             }
+            if save is not None:
+                save(result)
             print(f"seed {seed} {name}: " + ", ".join(
                 f"{k} {e['map']:.3f}" for k, e in res["exits"].items()
             ), flush=True)  # fmt: skip
@@ -124,6 +129,12 @@ def main() -> None:
     ap.add_argument("--first-seed", type=int, default=0, help="seed of the first run (the others follow)")
     ap.add_argument("--merge", nargs="+", default=None, help="only tabulate these --out files")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        default=[f"{a}:{w:g}" for a in avexits.AUGMENTS for w in (avexits.COUNT_WEIGHT, 0.0)],
+        help="AUGMENT:COUNT_WEIGHT pairs to train (default: both augmentations, count term on and off)",
+    )
     ap.add_argument("--out", default=None, help="write the per-seed results as JSON")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -137,7 +148,12 @@ def main() -> None:
         data = load_data(args.data, size, audio=mel)
         results = []
         for seed, run_dir in enumerate(args.runs, start=args.first_seed):
-            results.append(one_seed(Path(run_dir), data, seed, mel))
+
+            def save(partial: dict, done: list = results) -> None:
+                if args.out:
+                    Path(args.out).write_text(json.dumps({"seeds": [*done, partial]}, indent=1))
+
+            results.append(one_seed(Path(run_dir), data, seed, mel, args.variants, save))
             if args.out:
                 Path(args.out).write_text(json.dumps({"seeds": results}, indent=1))
     print(f"test split, {len(results)} seed(s), mean ± std:\n{table(results)}")

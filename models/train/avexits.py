@@ -4,8 +4,11 @@ The exits stage's recipe (``stages.train_exits``): the frozen trunk runs once ov
 and ``views`` augmented copies, caching its tokens at every exit position and the generalist's probabilities
 (the copycat teacher); every variant then trains on the cache. Here each exit also has a count head (L1 on
 objects per frame), the audiovisual variant reads the frame's log-mel window beside the tokens, and the final
-block gets a count head (``CountHead``) on the cached final class token. The augmented views use crop, flip
-and colour only: copy-paste and mixup would change the objects (and so the count) without changing the audio.
+block gets a count head (``CountHead``) on the cached final class token. The augmented views are the exits
+stage's (``loop.Batches``: copy-paste, crop, flip, colour, mixup) with the sound and the count following the
+picture (``Batches.view``): a pasted object brings its frame's sound, the count follows the boxes, mixup blends
+log-mel and count like the labels. Until issue 14c they were crop, flip and colour only, which cost the exits
+mAP against the deployed visual ones (bench/avexits_recipe.py; docs/ARCHITECTURE.md).
 
 ``measure`` scores every exit on the report split the way the daemon would use it: mAP, label F1 at the
 exit's own thresholds, the share of frames it would answer at the preset's tolerance (labels: the calibrated
