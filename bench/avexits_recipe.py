@@ -107,16 +107,21 @@ def table(results: list[dict]) -> str:
         v = [x for x in vals if x is not None]
         return "n/a" if not v else f"{np.mean(v):.3f} ± {np.std(v):.3f}"
 
-    rows = ["| variant | exit | mAP | label F1 | label exit rate | count MAE |", "|---|---|---|---|---|---|"]
+    rows = [
+        "| variant | exit | seeds | mAP | label F1 | label exit rate | count MAE |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name in results[0]["deployed"]:
         e = [r["deployed"][name] for r in results]
-        rows.append(f"| deployed (exits stage) | {name} | {f([x['map'] for x in e])} | "
+        rows.append(f"| deployed (exits stage) | {name} | {len(e)} | {f([x['map'] for x in e])} | "
                     f"{f([x['label_f1'] for x in e])} | | |")  # fmt: skip
-    for v in results[0]["variants"]:
-        for name in results[0]["variants"][v]["exits"]:
-            e = [r["variants"][v]["exits"][name] for r in results]
+    variants = dict.fromkeys(v for r in results for v in r["variants"])  # seeds may hold different variants
+    for v in variants:
+        have = [r["variants"][v] for r in results if v in r["variants"]]
+        for name in have[0]["exits"]:
+            e = [h["exits"][name] for h in have]
             rows.append(
-                f"| {v} | {name} | {f([x['map'] for x in e])} | {f([x['label_f1'] for x in e])} | "
+                f"| {v} | {name} | {len(e)} | {f([x['map'] for x in e])} | {f([x['label_f1'] for x in e])} | "
                 f"{f([x['label_exit_rate'] for x in e])} | {f([x['count_mae'] for x in e])} |"
             )
     return "\n".join(rows)
