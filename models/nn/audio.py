@@ -11,8 +11,8 @@ is not available here, so this one is designed from first principles and measure
   width + a learned position per patch: board-light (one small matmul);
 - ``AudioVisualExit``: the SL-ViT exit whose single encoder layer attends over its visual tokens AND the
   audio tokens (early fusion inside the exit, the trunk stays visual-only and shared), plus a count head on
-  the class token; with ``mel=None`` it is the visual exit with a count head, the fair baseline;
-- ``CountHead``: the final block's count head (on the final norm's class token).
+  the class token (a ``CountHead`` behind a stop-gradient); with ``mel=None`` it is the visual exit with a count head, the fair baseline;
+- ``CountHead``: the count head of the final block (on the final norm's class token) and of every exit.
 """
 
 from __future__ import annotations
@@ -84,7 +84,10 @@ class AudioVisualExit(SLViTExit):
             raise ValueError(f"an audiovisual exit is an SL-ViT exit, got kind {cfg.kind!r}")
         self.mel = mel
         self.audio = AudioEncoder(mel, cfg.width) if mel is not None else None
-        self.count_head = nn.Linear(cfg.width, 1) if count else None
+        # the count reads the exit's class token through a stop-gradient: trained into the shared layers, its
+        # L1 term cost the exit 0.05 mAP after block 2 (issue 14c, bench/avexits_recipe.py); an MLP as the
+        # final's, since a linear read-out of features it may not shape is too weak a counter
+        self.count_head = CountHead(cfg.width) if count else None
 
     def forward_all(
         self, tokens: torch.Tensor, mel: torch.Tensor | None = None
@@ -96,7 +99,7 @@ class AudioVisualExit(SLViTExit):
                 raise ValueError("this exit fuses audio: pass the frame's log-mel window")
             x = torch.cat([x, self.audio(mel)], dim=1)  # (B, 1 + p*p + P, W)
         z = self.norm(self.block(x))[:, 0]
-        count = self.count_head(z)[:, 0] if self.count_head is not None else None
+        count = self.count_head(z.detach()) if self.count_head is not None else None
         return self.head(z), count
 
     def forward(self, tokens: torch.Tensor, mel: torch.Tensor | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from polymorphd.models.core.melspec import LOG_FLOOR
 from polymorphd.models.core.preprocess import InputSpec, preprocess_batch
 from polymorphd.models.train.presets import Augment
 
@@ -101,6 +102,12 @@ def mixup(
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))
     j = torch.randperm(len(x), generator=gen).to(x.device)
     return tuple(lam * t + (1 - lam) * t[j] for t in (x, *targets))
+
+
+def add_sound(mel: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    """The log-mel of two windows' sounds played together: their mel powers add (``melspec.log_mel`` is
+    log(power + floor), so the floor is taken out once). Independent sources, phase ignored."""
+    return torch.log(torch.exp(mel) + torch.exp(other) - LOG_FLOOR)
 
 
 def to_input(frames: torch.Tensor | np.ndarray, spec: InputSpec, device: torch.device) -> torch.Tensor:

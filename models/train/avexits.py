@@ -4,8 +4,11 @@ The exits stage's recipe (``stages.train_exits``): the frozen trunk runs once ov
 and ``views`` augmented copies, caching its tokens at every exit position and the generalist's probabilities
 (the copycat teacher); every variant then trains on the cache. Here each exit also has a count head (L1 on
 objects per frame), the audiovisual variant reads the frame's log-mel window beside the tokens, and the final
-block gets a count head (``CountHead``) on the cached final class token. The augmented views use crop, flip
-and colour only: copy-paste and mixup would change the objects (and so the count) without changing the audio.
+block gets a count head (``CountHead``) on the cached final class token. The augmented views are the exits
+stage's (``loop.Batches``: copy-paste, crop, flip, colour, mixup) with the sound and the count following the
+picture (``Batches.view``): a pasted object brings its frame's sound, the count follows the boxes, mixup blends
+log-mel and count like the labels. Until issue 14c they were crop, flip and colour only, which cost the exits
+mAP against the deployed visual ones (bench/avexits_recipe.py; docs/ARCHITECTURE.md).
 
 ``measure`` scores every exit on the report split the way the daemon would use it: mAP, label F1 at the
 exit's own thresholds, the share of frames it would answer at the preset's tolerance (labels: the calibrated
@@ -49,40 +52,69 @@ log = logging.getLogger(__name__)
 COUNT_WEIGHT = 0.5  # L1 count loss beside the copycat label loss (both about 0.1-1 at the start)
 COUNT_TOLERANCE = 0.05  # objects: what a count exit may add to the final's MAE on the frames it answers
 AUDIO_ONLY = "audioonly"  # the audio-only probe's name prefix (a diagnostic)
-SILENCED = "|silenced"
-VIEWS = 1  # augmented views per frame for train --audio: what bench/audio_exits.py measured (the cache is big)  # predict's suffix for an audiovisual exit fed silence (a diagnostic)
+SILENCED = "|silenced"  # predict's suffix for an audiovisual exit fed silence (a diagnostic)
+VIEWS = (
+    1  # augmented views per frame for train --audio: what bench/audio_exits.py measured (the cache is big)
+)
+AUGMENTS = ("exits", "plain")  # features(augment=...): the exits stage's augmentation, or crop/flip/colour
 
 
 @torch.no_grad()
 def features(
-    vit: VisionTransformer, data: SplitData, ctx: Ctx, positions: list[int], views: int = 0, seed: int = 0
+    vit: VisionTransformer,
+    data: SplitData,
+    ctx: Ctx,
+    positions: list[int],
+    views: int = 0,
+    seed: int = 0,
+    augment: str = "exits",
 ) -> dict[str, Any]:
     """Trunk tokens at ``positions``, the final class token (normed), the teacher's probabilities and each
-    sample's source frame, over the clean frames then ``views`` count-preserving augmented copies."""
+    sample's targets (labels, count, log-mel where the split has them), over the clean frames then ``views``
+    augmented copies. ``augment``: "exits", the exits stage's (``loop.Batches``: copy-paste and mixup too,
+    the sound and count following the picture); "plain", crop, flip and colour only (labels, count and
+    sound those of the clean frame; the recipe before issue 14c, kept as an ablation)."""
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTS)}, got {augment!r}")
     freeze(vit)
     depth = vit.cfg.depth
-    out: dict[str, list] = {"tokens": [], "final": [], "teacher": [], "src": []}
-    aug = replace(ctx.preset.augment, paste=0.0, mixup_alpha=0.0)
-    batches = Batches(replace(data, boxes=None), replace(ctx, preset=replace(ctx.preset, augment=aug)), seed)
+    out: dict[str, list] = {"tokens": [], "final": [], "teacher": [], "Y": [], "counts": [], "mel": []}
+    if augment == "plain":
+        aug = replace(ctx.preset.augment, paste=0.0, mixup_alpha=0.0)
+        batches = Batches(
+            replace(data, boxes=None, mel=None), replace(ctx, preset=replace(ctx.preset, augment=aug)), seed
+        )
+    else:
+        batches = Batches(data, ctx, seed)
     n = len(data.Y)
+    sound = data.mel is not None and data.counts is not None
     for view in range(views + 1):
         for i in range(0, n, EVAL_BATCH):
             idx = torch.arange(i, min(n, i + EVAL_BATCH))
-            x = (
-                to_input(data.images[i : i + EVAL_BATCH], ctx.spec, ctx.device)
-                if view == 0
-                else batches(idx)[0]
-            )
+            clean = slice(i, i + EVAL_BATCH)
+            if view == 0 or augment == "plain":
+                x = to_input(data.images[clean], ctx.spec, ctx.device) if view == 0 else batches(idx)[0]
+                y = torch.from_numpy(data.Y[clean]).float()
+                c = torch.from_numpy(data.counts[clean]) if sound else None
+                m = torch.from_numpy(data.mel[clean]) if sound else None
+            else:
+                v = batches.view(idx)
+                x, y, c, m = v.x, v.y, v.count, v.mel
             toks, logits = trunk_pass(vit, x, [*positions, depth], final=True)
             out["tokens"].append({b: toks[b] for b in positions})
             out["final"].append(vit.norm(toks[depth])[:, 0].clone())  # not a view: frees the full tensor
             out["teacher"].append(torch.sigmoid(logits))
-            out["src"].append(idx)
+            out["Y"].append(y)
+            if sound:
+                out["counts"].append(c)
+                out["mel"].append(m)
     return {
         "tokens": {b: torch.cat([t[b] for t in out["tokens"]]) for b in positions},
         "final": torch.cat(out["final"]),
         "teacher": torch.cat(out["teacher"]).float(),
-        "src": torch.cat(out["src"]),
+        "Y": torch.cat(out["Y"]).float(),
+        "counts": torch.cat(out["counts"]).float() if sound else None,
+        "mel": torch.cat(out["mel"]) if sound else None,
     }
 
 
@@ -100,24 +132,28 @@ def train(
     audio_probe: bool = False,
     copycat: bool = True,
     visual_dropout: float = 0.0,
+    augment: str = "exits",
+    count_weight: float = COUNT_WEIGHT,
+    cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, AudioVisualExit], CountHead]:
     """Visual and audiovisual exits (each with a count head) at every preset exit position, and the final
     count head, trained together on one cache: names ``visual@B`` / ``audiovisual@B``; with ``audio_probe``
     also ``audioonly@B`` (first position) that sees the audio and no trunk tokens. ``copycat=False`` trains on
     the labels alone (the teacher cannot hear: an ablation of what distillation does to the audio).
     ``visual_dropout`` zeroes an audiovisual exit's trunk tokens for that share of its training samples, so
-    its layer must learn to answer from the audio (modality dropout; an experiment)."""
+    its layer must learn to answer from the audio (modality dropout; an experiment). ``augment`` picks the
+    augmented views (``features``); ``count_weight`` is the exits' count L1 weight (0: labels only; the
+    final count head always trains). ``cache``: ``features``' output for these settings, reused across
+    calls that differ only in the loss (bench/avexits_recipe.py)."""
     if data.mel is None or data.counts is None:
         raise ValueError(
             "audiovisual exits need the split's log-mel windows and counts (load_data(audio=...))"
         )
     p = ctx.preset
     positions = list(p.exit_after)
-    cache = features(vit, data, ctx, positions, views, seed=ctx.seed * 7919 + 13)
-    src = cache["src"]
-    Y = torch.from_numpy(data.Y).float()[src]
-    C = torch.from_numpy(data.counts)[src]
-    M = torch.from_numpy(data.mel)[src]
+    if cache is None:
+        cache = features(vit, data, ctx, positions, views, seed=ctx.seed * 7919 + 13, augment=augment)
+    Y, C, M = cache["Y"], cache["counts"], cache["mel"]
     T = copycat_targets(cache["teacher"], p)
     torch.manual_seed(ctx.seed + 1)
     cfgs = {ec.after_block: ec for ec in p.exit_configs("slvit")}
@@ -142,7 +178,7 @@ def train(
                 keep = (torch.rand(len(idx), 1, 1, generator=drop) >= visual_dropout).to(seen.dtype)
                 seen = seen * keep
             logits, count = m.forward_all(seen, M[idx] if m.audio else None)
-            loss = loss + exit_loss(logits, y, t if copycat else None, p) + COUNT_WEIGHT * F.l1_loss(count, c)
+            loss = loss + exit_loss(logits, y, t if copycat else None, p) + count_weight * F.l1_loss(count, c)
         return loss / (len(exits) + 1)
 
     fit(list(modules.named_parameters()), len(Y), step, p.exits, ctx, "av exits")

@@ -46,16 +46,19 @@ def paste_objects(
     prob: float,
     gen: torch.Generator,
     cover: float = 0.5,
-) -> tuple[torch.Tensor, torch.Tensor, Boxes]:
+) -> tuple[torch.Tensor, torch.Tensor, Boxes, list[int]]:
     """With probability ``prob`` per frame, paste one box region of another frame of the batch.
 
     ``frames`` (B, S, S, 3) uint8, ``y`` (B, K). The frame gains the pasted class; its boxes more than
-    ``cover`` hidden are removed, with their labels when no box of the class is left.
+    ``cover`` hidden are removed, with their labels when no box of the class is left. Also returns each
+    frame's donor (the frame it got an object from, in the order pasted; -1: none), so what else belongs to
+    the object (its sound) can follow it.
     """
     b, s = frames.shape[0], frames.shape[1]
     boxes = [np.asarray(bx, dtype=np.float32).reshape(-1, 5) for bx in boxes]
+    donors = [-1] * b
     if prob <= 0 or b < 2:
-        return frames, y, boxes
+        return frames, y, boxes, donors
     out, y = frames.clone(), y.clone()
     for i in range(b):
         if float(torch.rand(1, generator=gen)) >= prob:
@@ -78,7 +81,8 @@ def paste_objects(
         _drop_lost(y, i, own, kept)
         y[i, int(c)] = 1
         boxes[i] = np.concatenate([kept, np.array([[c, px, py, px + w, py + h]], np.float32)])
-    return out, y, boxes
+        donors[i] = j
+    return out, y, boxes, donors
 
 
 def move_boxes(

@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from polymorphd.models.core.preprocess import InputSpec
 from polymorphd.models.nn.vit import VisionTransformer
-from polymorphd.models.train.augment import augment_geometry, mixup, to_input
+from polymorphd.models.train.augment import add_sound, augment_geometry, mixup, to_input
 from polymorphd.models.train.boxaug import move_boxes, paste_objects, patch_targets
 from polymorphd.models.train.distributed import DistEnv, epoch_order, mean_across
 from polymorphd.models.train.presets import Preset, Schedule
@@ -44,10 +44,25 @@ class SplitData:
         return len(np.unique(self.video_ids))
 
 
+@dataclass
+class View:
+    """One augmented batch: inputs (B, 3, S, S), soft targets (B, K), patch targets (B, N, K) or None, and
+    for a split with sound (``SplitData.mel``) each sample's log-mel (B, n_mels, frames) and count (B,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    tokens: torch.Tensor | None = None
+    mel: torch.Tensor | None = None
+    count: torch.Tensor | None = None
+
+
 class Batches:
     """Augmented training batches of one split: copy-paste, crop/flip/colour, runtime normalisation, mixup.
 
-    With boxes (the train split), also per-patch-token targets for token labelling (``tokens=True``).
+    With boxes (the train split), also per-patch-token targets for token labelling (``tokens=True``). With
+    sound and counts (``SplitData.mel``, ``counts``), ``view`` keeps them consistent with the picture: a pasted
+    object brings its frame's sound (``add_sound``), the count gains or loses the boxes that paste and crop
+    add or remove, and mixup blends log-mel and count with the same weight as the frames and labels.
     """
 
     def __init__(self, data: SplitData, ctx: Ctx, seed: int, tokens: bool = False) -> None:
@@ -56,26 +71,52 @@ class Batches:
         self.Y = torch.from_numpy(data.Y).float()
         self.gen = torch.Generator().manual_seed(seed)
         self.tokens = tokens and data.boxes is not None
+        self.sound = data.mel is not None and data.counts is not None
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __call__(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Sample indices -> inputs (B, 3, S, S), soft targets (B, K), patch targets (B, N, K) or None."""
+        v = self.view(idx)
+        return v.x, v.y, v.tokens
+
+    def view(self, idx: torch.Tensor) -> View:
+        """Sample indices -> one augmented batch (``View``); the same random draws as ``__call__``."""
         frames, y = self.images[idx], self.Y[idx]
         boxes = None if self.data.boxes is None else [self.data.boxes[i] for i in idx.tolist()]
+        mel = count = None
+        if self.sound:
+            assert self.data.mel is not None and self.data.counts is not None
+            at = idx.numpy()
+            mel, count = torch.from_numpy(self.data.mel[at]), torch.from_numpy(self.data.counts[at])
         if boxes is not None:
-            frames, y, boxes = paste_objects(frames, y, boxes, self.aug.paste, self.gen)
+            before = torch.tensor([len(b) for b in boxes], dtype=torch.float32)
+            frames, y, boxes, donors = paste_objects(frames, y, boxes, self.aug.paste, self.gen)
+            if mel is not None:
+                mel = mel.clone()
+                for i, j in enumerate(donors):  # in paste order: a donor's window as it was when it gave
+                    if j >= 0:
+                        mel[i] = add_sound(mel[i], mel[j])
         frames, geom = augment_geometry(frames, self.aug, self.gen)
         size, dev = frames.shape[1], self.ctx.device
         if boxes is not None:
             boxes, y = move_boxes(boxes, y, geom, size)
+            if count is not None:
+                # objects pasted in, hidden or cropped away (annotations without a box count as they were)
+                count = count + torch.tensor([len(b) for b in boxes], dtype=torch.float32) - before
         x = to_input(frames, self.ctx.spec, dev)
-        if not self.tokens:
-            x, y = mixup(x, y.to(dev), alpha=self.aug.mixup_alpha, gen=self.gen)
-            return x, y, None
-        tok = patch_targets(boxes, y.shape[1], size, self.ctx.preset.patch_size).to(dev)
-        return mixup(x, y.to(dev), tok, alpha=self.aug.mixup_alpha, gen=self.gen)
+        tok = (
+            patch_targets(boxes, y.shape[1], size, self.ctx.preset.patch_size).to(dev)
+            if self.tokens
+            else None
+        )
+        extra = [t.to(dev) for t in (tok, mel, count) if t is not None]
+        mixed = mixup(x, y.to(dev), *extra, alpha=self.aug.mixup_alpha, gen=self.gen)
+        x, y, rest = mixed[0], mixed[1], list(mixed[2:])
+        tok = rest.pop(0) if tok is not None else None
+        mel, count = (rest[0], rest[1]) if mel is not None else (None, None)
+        return View(x, y, tok, mel, count)
 
 
 @dataclass

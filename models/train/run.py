@@ -288,6 +288,17 @@ def load_avexits(
         raise CheckpointError(
             f"{path}: malformed audiovisual exits ({exc!r}); re-run polymorphd train --audio"
         ) from exc
+    except RuntimeError as exc:  # load_state_dict: the saved tensors do not fit the exit's layers
+        old = "count_head.weight" in str(exc)
+        raise CheckpointError(
+            f"{path}: the saved audiovisual exits do not fit this version's "
+            + (
+                "(their count heads are linear; since issue 14c each is an MLP behind a stop-gradient): "
+                "train them again with polymorphd train --audio on the visual run"
+                if old
+                else f"layers ({exc})"
+            )
+        ) from exc
     return AvExits(mel, exits, cal, final.eval())
 
 

@@ -189,3 +189,12 @@ def test_a_malformed_avexits_file_is_named(av, tmp_path):
     vit_cfg = ViTConfig(**load_config(tmp_path / "run")["vit"])
     with pytest.raises(CheckpointError, match=r"avexits\.pt: malformed audiovisual exits"):
         load_avexits(tmp_path / "run", vit_cfg)
+    # an avexits.pt from before issue 14c: linear count heads on the exits
+    saved = torch.load(av["run"] / AVEXITS, weights_only=False)
+    for e in saved["exits"]:
+        state = {k: v for k, v in e["state"].items() if not k.startswith("count_head")}
+        width = e["state"]["count_head.fc1.weight"].shape[1]
+        e["state"] = state | {"count_head.weight": torch.zeros(1, width), "count_head.bias": torch.zeros(1)}
+    torch.save(saved, tmp_path / "run" / AVEXITS)
+    with pytest.raises(CheckpointError, match=r"count heads are linear; since issue 14c"):
+        load_avexits(tmp_path / "run", vit_cfg)

@@ -395,7 +395,8 @@ def test_copy_paste_moves_an_object_and_its_label() -> None:
     y = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     boxes = [np.array([[0, 0, 0, 8, 8]], np.float32), np.array([[1, 4, 4, 8, 8]], np.float32)]
     for seed in range(5):
-        out, y2, b2 = paste_objects(frames, y, boxes, 1.0, torch.Generator().manual_seed(seed))
+        out, y2, b2, donors = paste_objects(frames, y, boxes, 1.0, torch.Generator().manual_seed(seed))
+        assert donors == [1, 0]  # each frame got its object from the other
         assert (out[0] == 200).all(-1).sum() == 16 and y2[0, 1] == 1  # frame 0 got the 4x4 class-1 object
         # frame 1 then got one of frame 0's boxes as frame 0 is now: its class-0 object or the pasted one
         got = (out[1] == 50).all(-1).sum() == 64 and y2[1, 0] == 1
