@@ -249,6 +249,25 @@ def test_calibration_on_few_videos_warns_and_names_the_fix(run, dataset, caplog)
     assert "videos: thresholds" not in caplog.text
 
 
+def test_best_epoch_selection_reads_the_first_calibration_videos() -> None:
+    from polymorphd.models.train.loop import SplitData
+    from polymorphd.models.train.train import SELECT_VIDEOS, Dataset, first_videos
+
+    vids = np.array([5, 5, 3, 3, 3, 9, 1])  # stored video by video; ids need not be sorted
+    split = SplitData(
+        "validation", np.arange(7)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8), np.eye(7, 4),
+        vids, [np.full((1, 5), i, np.float32) for i in range(7)], np.arange(7, dtype=np.float32),
+        np.arange(7, dtype=np.float32)[:, None, None],
+    )  # fmt: skip
+    two = first_videos(split, 2)
+    assert two.video_ids.tolist() == [5, 5, 3, 3, 3] and two.images[:, 0, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert two.Y.tolist() == split.Y[:5].tolist() and two.counts.tolist() == [0, 1, 2, 3, 4]
+    assert [b[0, 0] for b in two.boxes] == [0, 1, 2, 3, 4] and two.mel[:, 0, 0].tolist() == [0, 1, 2, 3, 4]
+    assert first_videos(split, 4) is split and first_videos(split, 9) is split
+    d = Dataset(Path("x"), [], [], split, split, split)
+    assert d.select.videos == min(SELECT_VIDEOS, 4)
+
+
 def test_resume_skips_finished_stages(run, dataset: Path) -> None:
     out, _ = run
     before = {p.name: p.read_bytes() for p in out.glob("*.pt")}
