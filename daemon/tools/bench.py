@@ -27,7 +27,8 @@ import cv2
 from polymorphd.daemon.modes import CONTEXT_MODES
 from polymorphd.daemon.power import probe_meter
 from polymorphd.daemon.tools import benchplots, replay
-from polymorphd.daemon.tools.evaluate import EvalResult, format_footer, format_table, run_eval, write_json
+from polymorphd.daemon.tools.evalprint import format_footer, format_table
+from polymorphd.daemon.tools.evaluate import EvalResult, run_eval, write_json
 from polymorphd.daemon.tools.sweep import (
     ENERGY_MODEL,
     EXIT_SCALES,

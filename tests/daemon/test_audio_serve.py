@@ -157,7 +157,8 @@ def test_without_audio_configured_the_stream_and_status_are_as_today(av, tmp_pat
 
 
 def test_eval_reports_the_audio_mode_beside_the_visual_one(av):
-    from polymorphd.daemon.tools.evaluate import evaluate, format_footer
+    from polymorphd.daemon.tools.evalprint import format_footer
+    from polymorphd.daemon.tools.evaluate import evaluate
     from polymorphd.models.data.tao import load_split
 
     engine = load_engine(av["bundle"])
