@@ -30,7 +30,6 @@ from polymorphd.models.core.metrics import (
     video_resamples,
 )
 from polymorphd.models.core.preprocess import InputSpec
-from polymorphd.models.data.tao import load_split
 from polymorphd.models.nn.exits import ExitConfig
 from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
 from polymorphd.models.train import stages
@@ -38,7 +37,7 @@ from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx, SplitData, frozen_features
 from polymorphd.models.train.presets import get_preset
 from polymorphd.models.train.run import load_backbone, load_exits
-from polymorphd.models.train.train import _split_data
+from polymorphd.models.train.train import load_data
 
 
 def subset(d: SplitData, videos: np.ndarray, name: str) -> SplitData:
@@ -99,15 +98,19 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    rows = []
+    rows, loaded = [], {}
     for run in map(Path, args.runs):
         cfg = json.loads((run / "config.json").read_text())
         preset = get_preset(cfg["preset"])
         ctx = Ctx(InputSpec(preset.img_size), preset, DistEnv(), 0, False)
         vit = load_backbone(run, VisionTransformer(ViTConfig(**cfg["vit"]))).eval()
         exits = load_exits(run, vit.cfg, [ExitConfig(**e) for e in cfg["exits"]])
-        val = _split_data(load_split(args.data, "validation"), cfg["class_ids"], preset.img_size, False)
-        test = _split_data(load_split(args.data, "test"), cfg["class_ids"], preset.img_size, False)
+        if preset.img_size not in loaded:  # the runs' own train split gives the same class columns
+            loaded[preset.img_size] = load_data(args.data, preset.img_size)
+        data = loaded[preset.img_size]
+        if data.class_ids != cfg["class_ids"]:
+            raise SystemExit(f"{run}: its classes are not {args.data}'s; pass the runs' own dataset")
+        val, test = data.calib, data.report
         order = np.unique(val.video_ids)  # video ids follow the seeds: the old validation videos come first
         n, t = args.calib_videos, args.old_test_videos
         old_test = subset(val, order[n : n + t], "old-test")
