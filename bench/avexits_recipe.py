@@ -68,16 +68,18 @@ def one_seed(run_dir: Path, data, seed: int, mel: MelConfig, variants: list[str]
     result["deployed"] = deployed(run_dir, vit, data, ctx)
     positions = list(preset.exit_after)
     for augment in avexits.AUGMENTS:
-        weights = [float(v.split(":")[1]) for v in variants if v.split(":")[0] == augment]
+        # AUGMENT:WEIGHT[:GRAD], GRAD the share of the count gradient reaching the exits' layers (default 0)
+        fields = [v.split(":") for v in variants]
+        weights = [(float(f[1]), float(f[2]) if len(f) > 2 else 0.0) for f in fields if f[0] == augment]
         if not weights:
             continue
         t0 = time.perf_counter()
         cache = avexits.features(
             vit, data.train, ctx, positions, avexits.VIEWS, seed=seed * 7919 + 13, augment=augment
         )
-        for weight in weights:
+        for weight, grad in weights:
             exits, final = avexits.train(
-                vit, data.train, ctx, mel, avexits.VIEWS, count_weight=weight, cache=cache
+                vit, data.train, ctx, mel, avexits.VIEWS, count_weight=weight, count_grad=grad, cache=cache
             )
             res = avexits.measure(
                 data.calib,
@@ -86,7 +88,7 @@ def one_seed(run_dir: Path, data, seed: int, mel: MelConfig, variants: list[str]
                 avexits.predict(vit, exits, final, data.report, ctx),
                 ctx,
             )
-            name = f"{augment}, count {weight:g}"
+            name = f"{augment}, count {weight:g}" + (f", count gradient {grad:g}" if grad else "")
             result["variants"][name] = {
                 "exits": {k: {key: e[key] for key in KEYS} for k, e in res["exits"].items()},
                 "final": res["final"],
@@ -138,7 +140,8 @@ def main() -> None:
         "--variants",
         nargs="+",
         default=[f"{a}:{w:g}" for a in avexits.AUGMENTS for w in (avexits.COUNT_WEIGHT, 0.0)],
-        help="AUGMENT:COUNT_WEIGHT pairs to train (default: both augmentations, count term on and off)",
+        help="AUGMENT:COUNT_WEIGHT[:COUNT_GRAD] to train (default: both augmentations, count term on and off; "
+        "COUNT_GRAD, the share of the count gradient reaching the exits' layers, 0 unless given)",
     )
     ap.add_argument("--out", default=None, help="write the per-seed results as JSON")
     args = ap.parse_args()

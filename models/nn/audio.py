@@ -78,8 +78,13 @@ class AudioVisualExit(SLViTExit):
         mel: MelConfig | None,
         count: bool = True,
         fused_attn: bool = True,
+        count_grad: float = 0.0,
     ) -> None:
         super().__init__(vit, cfg, fused_attn)
+        if not 0.0 <= count_grad <= 1.0:
+            raise ValueError(
+                f"count_grad is a share of the count loss's gradient in [0, 1], got {count_grad}"
+            )
         if cfg.kind != "slvit":
             raise ValueError(f"an audiovisual exit is an SL-ViT exit, got kind {cfg.kind!r}")
         self.mel = mel
@@ -88,6 +93,9 @@ class AudioVisualExit(SLViTExit):
         # L1 term cost the exit 0.05 mAP after block 2 (issue 14c, bench/avexits_recipe.py); an MLP as the
         # final's, since a linear read-out of features it may not shape is too weak a counter
         self.count_head = CountHead(cfg.width) if count else None
+        # training only: the share of the count loss's gradient that reaches the exit's layer (0: the
+        # stop-gradient above); the forward value is the same at any share
+        self.count_grad = count_grad
 
     def forward_all(
         self, tokens: torch.Tensor, mel: torch.Tensor | None = None
@@ -99,7 +107,9 @@ class AudioVisualExit(SLViTExit):
                 raise ValueError("this exit fuses audio: pass the frame's log-mel window")
             x = torch.cat([x, self.audio(mel)], dim=1)  # (B, 1 + p*p + P, W)
         z = self.norm(self.block(x))[:, 0]
-        count = self.count_head(z.detach()) if self.count_head is not None else None
+        g = self.count_grad
+        zc = z.detach() if g == 0.0 else z if g == 1.0 else z.detach() + g * (z - z.detach())
+        count = self.count_head(zc) if self.count_head is not None else None
         return self.head(z), count
 
     def forward(self, tokens: torch.Tensor, mel: torch.Tensor | None = None) -> torch.Tensor:

@@ -134,6 +134,7 @@ def train(
     visual_dropout: float = 0.0,
     augment: str = "exits",
     count_weight: float = COUNT_WEIGHT,
+    count_grad: float = 0.0,
     cache: dict[str, Any] | None = None,
 ) -> tuple[dict[str, AudioVisualExit], CountHead]:
     """Visual and audiovisual exits (each with a count head) at every preset exit position, and the final
@@ -143,7 +144,8 @@ def train(
     ``visual_dropout`` zeroes an audiovisual exit's trunk tokens for that share of its training samples, so
     its layer must learn to answer from the audio (modality dropout; an experiment). ``augment`` picks the
     augmented views (``features``); ``count_weight`` is the exits' count L1 weight (0: labels only; the
-    final count head always trains). ``cache``: ``features``' output for these settings, reused across
+    final count head always trains); ``count_grad`` the share of its gradient that reaches the exits' layers
+    (0: the count heads read them through a stop-gradient). ``cache``: ``features``' output for these settings, reused across
     calls that differ only in the loss (bench/avexits_recipe.py)."""
     if data.mel is None or data.counts is None:
         raise ValueError(
@@ -158,7 +160,9 @@ def train(
     torch.manual_seed(ctx.seed + 1)
     cfgs = {ec.after_block: ec for ec in p.exit_configs("slvit")}
     exits = {
-        f"{kind}@{b}": AudioVisualExit(vit.cfg, cfgs[b], mel if kind == "audiovisual" else None)
+        f"{kind}@{b}": AudioVisualExit(
+            vit.cfg, cfgs[b], mel if kind == "audiovisual" else None, count_grad=count_grad
+        )
         for b in positions
         for kind in ("visual", "audiovisual")
     }

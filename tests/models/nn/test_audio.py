@@ -72,3 +72,20 @@ def test_the_count_loss_trains_the_count_head_and_leaves_the_label_layers_alone(
     assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if n.startswith("count_head"))
     # the stop-gradient: no layer the labels use moves for the count (issue 14c: it cost 0.05 mAP)
     assert all(g is None for n, g in grads.items() if not n.startswith("count_head"))
+
+
+def test_a_count_gradient_share_reaches_the_label_layers_scaled_and_leaves_the_count_unchanged():
+    tokens = torch.randn(4, VIT.num_tokens, VIT.embed_dim)
+    mel = torch.randn(4, MEL.n_mels, MEL.frames)
+    target = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    grads, counts = {}, {}
+    for share in (1.0, 0.1):
+        torch.manual_seed(0)
+        ex = AudioVisualExit(VIT, EXIT, MEL, count_grad=share)
+        _, counts[share] = ex.forward_all(tokens, mel)
+        torch.nn.functional.l1_loss(counts[share], target).backward()
+        grads[share] = ex.block.attn.qkv.weight.grad.clone()
+    torch.testing.assert_close(counts[0.1], counts[1.0])
+    torch.testing.assert_close(grads[0.1], 0.1 * grads[1.0])
+    with pytest.raises(ValueError, match=r"count_grad is a share .* in \[0, 1\], got 1.5"):
+        AudioVisualExit(VIT, EXIT, MEL, count_grad=1.5)
