@@ -109,10 +109,13 @@ def test_procedural_classes_are_identical_in_every_process() -> None:
         procedural.render(512)
 
 
-def test_shipped_checkpoint_records_its_hash() -> None:
-    shipped = pt.shipped_checkpoint("small")
-    if shipped is None:
-        pytest.skip("no pretrained checkpoint shipped for small")
+@pytest.mark.parametrize("name", ["small", "base"])
+def test_shipped_checkpoint_fits_its_preset_and_records_its_hash(name) -> None:
+    shipped = pt.shipped_checkpoint(name)
+    assert shipped is not None, f"models/pretrained/{name}.pt is not shipped"
     rec = json.loads(Path(shipped).with_suffix(".json").read_text())
     assert rec["sha256"] == hashlib.sha256(Path(shipped).read_bytes()).hexdigest()
-    assert checkpoint_stem(shipped) == get_preset("small").stem
+    preset = get_preset(name)
+    geometry = ("img_size", "patch_size", "embed_dim", "depth", "num_heads")
+    assert [rec["vit"][k] for k in geometry] == [getattr(preset, k) for k in geometry]
+    assert checkpoint_stem(shipped) == preset.stem
