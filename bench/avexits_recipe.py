@@ -67,9 +67,9 @@ def one_seed(run_dir: Path, data, seed: int, mel: MelConfig, variants: list[str]
     result: dict = {"run": str(run_dir), "seed": seed, "variants": {}, "seconds": {}}
     result["deployed"] = deployed(run_dir, vit, data, ctx)
     positions = list(preset.exit_after)
+    # AUGMENT:WEIGHT[:GRAD], GRAD the share of the count gradient reaching the exits' layers (default 0)
+    fields = [v.split(":") for v in variants]
     for augment in avexits.AUGMENTS:
-        # AUGMENT:WEIGHT[:GRAD], GRAD the share of the count gradient reaching the exits' layers (default 0)
-        fields = [v.split(":") for v in variants]
         weights = [(float(f[1]), float(f[2]) if len(f) > 2 else 0.0) for f in fields if f[0] == augment]
         if not weights:
             continue
