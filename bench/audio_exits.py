@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from harness import add_seed_runs, check_seed_runs
 
 from polymorphd.models.core.melspec import MelConfig
 from polymorphd.models.core.preprocess import InputSpec
@@ -87,12 +88,7 @@ def table(summary: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=[], help="finished run directories, one per seed")
-    ap.add_argument("--data", default=None, help="a dataset from 'polymorphd data synth --audio'")
-    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first run (the others follow)")
-    ap.add_argument(
-        "--merge", nargs="+", default=None, help="only summarise these --out files of earlier runs"
-    )
+    add_seed_runs(ap, merge_help="only summarise these --out files of earlier runs")
     ap.add_argument(
         "--views", type=int, default=1, help="augmented views per training frame (crop/flip/colour)"
     )
@@ -109,6 +105,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None, help="write the per-seed results and the summary as JSON")
     args = ap.parse_args()
+    check_seed_runs(ap, args)
     torch.set_num_threads(args.threads)
     mel = MelConfig()
     if args.merge:

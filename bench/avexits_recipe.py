@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from harness import add_seed_runs, check_seed_runs
 
 from polymorphd.models.core.melspec import MelConfig
 from polymorphd.models.core.metrics import mean_average_precision
@@ -131,10 +132,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", nargs="+", default=[], help="finished run directories, one per seed")
-    ap.add_argument("--data", default=None, help="a dataset from 'polymorphd data synth --audio'")
-    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first run (the others follow)")
-    ap.add_argument("--merge", nargs="+", default=None, help="only tabulate these --out files")
+    add_seed_runs(ap, merge_help="only tabulate these --out files")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--variants",
@@ -145,13 +143,12 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None, help="write the per-seed results as JSON")
     args = ap.parse_args()
+    check_seed_runs(ap, args)
     torch.set_num_threads(args.threads)
     mel = MelConfig()
     if args.merge:
         results = [r for f in args.merge for r in json.loads(Path(f).read_text())["seeds"]]
     else:
-        if not args.runs or not args.data:
-            ap.error("--runs and --data are required unless --merge is given")
         size = json.loads((Path(args.runs[0]) / "config.json").read_text())["preset_config"]["img_size"]
         data = load_data(args.data, size, audio=mel)
         results = []

@@ -1,4 +1,5 @@
-"""Shared by the reliability benchmarks (bench/soak.py, bench/load.py): tiny bundles, a daemon subprocess, /proc.
+"""Shared by the benchmarks: for the reliability ones (bench/soak.py, bench/load.py) tiny bundles, a daemon
+subprocess and /proc; for the per-seed model ones (bench/audio_exits.py, bench/avexits_recipe.py) their options.
 
 The bundles are the test suite's tiny random run (``tests/conftest.py:make_tiny_run``: 32x32 input, 4 blocks,
 2 exits, 3 adapters, 10 classes) exported once into a cache directory: a full bundle (v1) and two adapter
@@ -7,6 +8,7 @@ bundles for the same base (v2, v3). Exporting needs the ``train`` extra; serving
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import json
 import os
@@ -137,6 +139,20 @@ class DaemonProc:
                 self.proc.wait(10)
         self._log.close()
         return self.proc.returncode
+
+
+def add_seed_runs(ap: argparse.ArgumentParser, *, merge_help: str) -> None:
+    """The options of a bench that trains on finished runs, one per seed: --runs, --data, --first-seed, --merge."""
+    ap.add_argument("--runs", nargs="+", default=[], help="finished run directories, one per seed")
+    ap.add_argument("--data", default=None, help="a dataset from 'polymorphd data synth --audio'")
+    ap.add_argument("--first-seed", type=int, default=0, help="seed of the first run (the others follow)")
+    ap.add_argument("--merge", nargs="+", default=None, help=merge_help)
+
+
+def check_seed_runs(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Exit with a usage error unless the bench has runs and data to work on, or files to merge."""
+    if not args.merge and not (args.runs and args.data):
+        ap.error("--runs and --data are required unless --merge is given")
 
 
 def write_result(path: Path, result: dict[str, Any]) -> None:
