@@ -50,6 +50,7 @@ def test_train_and_measure_visual_and_audiovisual_exits(data):
     exits, final = avexits.train(vit, data.train, ctx, MelConfig(), views=1)
     assert sorted(exits) == ["audiovisual@1", "audiovisual@2", "visual@1", "visual@2"]
     assert exits["audiovisual@1"].audio is not None and exits["visual@1"].audio is None
+    assert {e.count_grad for e in exits.values()} == {avexits.COUNT_GRAD} and 0.0 < avexits.COUNT_GRAD < 1.0
     pc = avexits.predict(vit, exits, final, data.calib, ctx)
     pr = avexits.predict(vit, exits, final, data.report, ctx)
     assert set(pr) == set(exits) | {"final", "audiovisual@1|silenced", "audiovisual@2|silenced"}
