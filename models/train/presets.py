@@ -94,6 +94,9 @@ class Preset:
     negative_ratio: float = 0.5  # adapter training: other frames per context frame, as negatives
     max_context_size: int = 8
     exit_tolerance: float = 0.01
+    # an exit's F1 cost must stay within the tolerance by its mean plus this many standard errors over videos
+    # (calibrate.calibrate_exit's confidence): the pair with the most exits sits at the tolerance's edge
+    exit_confidence: float = 0.0
     # a class gets its own decision threshold with at least this many positive calibration frames, else the
     # global one (calibrate.decision_thresholds): few positives, from one or two videos, overfit
     threshold_min_positives: int = 100

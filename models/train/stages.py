@@ -409,6 +409,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
                 tolerance=ctx.preset.exit_tolerance,
                 groups=calib.video_ids,
                 centred=True,
+                confidence=ctx.preset.exit_confidence,
             )
             log.info(
                 "exit after block %d: lo %.4g hi %.4g, %.1f%% of calibration frames; on held-out videos "

@@ -332,3 +332,41 @@ def test_recall_thresholds_keep_the_target_share_of_each_class_and_pool_the_few(
     ):
         with pytest.raises(ValueError, match=msg):
             recall_thresholds(Y, P, **kw)
+
+
+def _videos_case(concentrated: bool) -> tuple[np.ndarray, ...]:
+    """20 videos of 10 frames; the exit is right except for 8 frames with one confidently wrong label (a
+    third of their F1 each), one per video in 8 videos or 4 in each of two videos (one per fold)."""
+    rng = np.random.default_rng(0)
+    V, n, K = 20, 10, 5
+    Y = rng.random((V * n, K)) < 0.3
+    Y[:, 0] = rng.random(V * n) < 0.9  # a common class: 8 false positives barely move its AP
+    groups = np.repeat(np.arange(V), n)
+    two = [np.flatnonzero(groups == v)[:4] for v in (0, 1)]
+    rows = np.concatenate(two) if concentrated else np.arange(8) * n
+    Y[rows] = False
+    Y[rows, 1] = True
+    P_exit, P_final = np.where(Y, 0.97, 0.02), np.where(Y, 0.9, 0.1)
+    P_exit[rows, 0] = 0.97
+    return P_exit, P_final, Y, np.full(K, 0.5), groups
+
+
+@pytest.mark.parametrize("concentrated", [False, True])
+def test_an_upper_bound_on_the_cost_refuses_an_exit_whose_mistakes_sit_in_few_videos(concentrated) -> None:
+    """The same mean F1 cost (0.013, within the 0.025 tolerance) passes with its mean alone either way; with
+    1.645 standard errors over videos it passes where mistakes are spread and fails where two videos hold
+    them all: there the mean says little about the next video."""
+    P_exit, P_final, Y, thr, groups = _videos_case(concentrated)
+    assert frame_f1(P_final > thr, Y).mean() - frame_f1(P_exit > 0.5, Y).mean() == pytest.approx(8 / 3 / 200)
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, groups=groups, tolerance=0.025)
+    assert stats["exit_rate"] == 1.0 and stats["f1_cost"] == pytest.approx(8 / 3 / 200)
+    lo, hi, stats = calibrate_exit(P_exit, P_final, Y, thr, groups=groups, tolerance=0.025, confidence=1.645)
+    assert stats["exit_rate"] == (0.0 if concentrated else 1.0)
+    if concentrated:
+        assert (lo, hi) == (0.0, 1.0)
+
+
+def test_a_negative_confidence_is_refused_with_its_value() -> None:
+    P_exit, P_final, Y, thr = _case()
+    with pytest.raises(ValueError, match=r"confidence must be >= 0 .*got -1"):
+        calibrate_exit(P_exit, P_final, Y, thr, confidence=-1.0)
