@@ -89,7 +89,11 @@ def build_report(
         "coverage_report_split": res.get("contexts", {}).get("coverage_report", {}),
         "adapters": res.get("adapters", {}).get("adapters", []),
         **({"recipe": res["adapters"]["recipe"]} if "recipe" in res.get("adapters", {}) else {}),
-        "calibration": {"exits": calib.get("exits", []), "tolerance": calib.get("tolerance")},
+        "calibration": {
+            "exits": calib.get("exits", []),
+            "tolerance": calib.get("tolerance"),
+            "confidence": calib.get("confidence"),
+        },
         "gflops": cost_summary(vit.cfg, preset),
         "params": param_summary(vit, preset),
         "timings": timings,

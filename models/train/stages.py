@@ -429,6 +429,7 @@ def calibrate(vit: VisionTransformer, exits: Sequence[nn.Module], calib: SplitDa
         # the runtime policy's defaults and the per-class recall cuts, into the manifest
         "policy": manifest_policy(class_recall=class_recall),
         "tolerance": ctx.preset.exit_tolerance,
+        "confidence": ctx.preset.exit_confidence,
         "split": calib.name,
     }
 
