@@ -14,17 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from split_size import score, scores
+from split_size import load_run, score, scores
 
 from polymorphd.models.core.preprocess import InputSpec
-from polymorphd.models.nn.exits import ExitConfig
-from polymorphd.models.nn.vit import VisionTransformer, ViTConfig
 from polymorphd.models.train import stages
 from polymorphd.models.train.distributed import DistEnv
 from polymorphd.models.train.loop import Ctx
-from polymorphd.models.train.presets import get_preset
-from polymorphd.models.train.run import load_backbone, load_exits
-from polymorphd.models.train.train import load_data
 
 
 def main() -> None:
@@ -39,15 +34,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, loaded = [], {}
     for run in map(Path, args.runs):
-        cfg = json.loads((run / "config.json").read_text())
-        preset = get_preset(cfg["preset"])
-        vit = load_backbone(run, VisionTransformer(ViTConfig(**cfg["vit"]))).eval()
-        exits = load_exits(run, vit.cfg, [ExitConfig(**e) for e in cfg["exits"]])
-        if preset.img_size not in loaded:
-            loaded[preset.img_size] = load_data(args.data, preset.img_size)
-        data = loaded[preset.img_size]
-        if data.class_ids != cfg["class_ids"]:
-            raise SystemExit(f"{run}: its classes are not {args.data}'s; pass the runs' own dataset")
+        preset, vit, exits, data = load_run(run, args.data, loaded)
         final, raw = scores(
             vit, exits, data.report, Ctx(InputSpec(preset.img_size), preset, DistEnv(), 0, False)
         )

@@ -87,6 +87,21 @@ def score(Y, vid, final, raw, cal, resamples: int) -> dict:
     return out
 
 
+def load_run(run: Path, data_dir: str, loaded: dict) -> tuple:
+    """A finished run's preset, backbone and exits, and its dataset at the run's input size (``loaded``
+    caches it per size: the runs' own train split gives the same class columns)."""
+    cfg = json.loads((run / "config.json").read_text())
+    preset = get_preset(cfg["preset"])
+    vit = load_backbone(run, VisionTransformer(ViTConfig(**cfg["vit"]))).eval()
+    exits = load_exits(run, vit.cfg, [ExitConfig(**e) for e in cfg["exits"]])
+    if preset.img_size not in loaded:
+        loaded[preset.img_size] = load_data(data_dir, preset.img_size)
+    data = loaded[preset.img_size]
+    if data.class_ids != cfg["class_ids"]:
+        raise SystemExit(f"{run}: its classes are not {data_dir}'s; pass the runs' own dataset")
+    return preset, vit, exits, data
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", nargs="+", required=True)
@@ -100,16 +115,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rows, loaded = [], {}
     for run in map(Path, args.runs):
-        cfg = json.loads((run / "config.json").read_text())
-        preset = get_preset(cfg["preset"])
+        preset, vit, exits, data = load_run(run, args.data, loaded)
         ctx = Ctx(InputSpec(preset.img_size), preset, DistEnv(), 0, False)
-        vit = load_backbone(run, VisionTransformer(ViTConfig(**cfg["vit"]))).eval()
-        exits = load_exits(run, vit.cfg, [ExitConfig(**e) for e in cfg["exits"]])
-        if preset.img_size not in loaded:  # the runs' own train split gives the same class columns
-            loaded[preset.img_size] = load_data(args.data, preset.img_size)
-        data = loaded[preset.img_size]
-        if data.class_ids != cfg["class_ids"]:
-            raise SystemExit(f"{run}: its classes are not {args.data}'s; pass the runs' own dataset")
         val, test = data.calib, data.report
         order = np.unique(val.video_ids)  # video ids follow the seeds: the old validation videos come first
         n, t = args.calib_videos, args.old_test_videos
