@@ -36,6 +36,9 @@ DEFAULT_GRID: tuple[float, ...] = (
 )
 
 
+_SLACK = 1e-9  # float sums of equal F1s / mAPs must not fail a zero tolerance
+
+
 def _check_pair(name: str, A: np.ndarray, Y: np.ndarray) -> np.ndarray:
     A = np.asarray(A, dtype=np.float64)
     if A.shape != Y.shape or A.ndim != 2:
@@ -167,12 +170,19 @@ def final_scale(probs: np.ndarray, class_thr: np.ndarray) -> np.ndarray:
     return num / (num + (1.0 - p))
 
 
-def _folds(groups: np.ndarray, folds: int) -> tuple[np.ndarray, int]:
-    """Per frame its fold (F,) and the number of folds: videos dealt alternately, in order of first frame."""
+def _videos(groups: np.ndarray, folds: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """Per frame its video (F,) as an index 0..V-1, per video its fold (V,), and the number of folds: videos
+    dealt alternately, in order of first frame."""
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
     rank = np.argsort(np.argsort(first))  # video number by first appearance
     k = min(folds, len(first))
-    return rank[inverse.ravel()] % max(k, 1), k
+    return inverse.ravel(), rank % max(k, 1), k
+
+
+def _folds(groups: np.ndarray, folds: int) -> tuple[np.ndarray, int]:
+    """Per frame its fold (F,) and the number of folds (``_videos``)."""
+    video, video_fold, k = _videos(groups, folds)
+    return video_fold[video], k
 
 
 def _candidates(
@@ -219,7 +229,7 @@ def _f1_ok(n: np.ndarray, e: np.ndarray, f: np.ndarray, tolerance: float, confid
         se = np.where(N > 0, se, 0.0)
     else:
         se = np.zeros_like(mean)
-    return -mean + confidence * se <= tolerance + 1e-9
+    return -mean + confidence * se <= tolerance + _SLACK
 
 
 class _MapCost:
@@ -315,18 +325,15 @@ def calibrate_exit(
     never |= {"f1_cost": 0.0, "check_exit_rate": 0.0, "check_frames": 0, "folds": 0}
     if F == 0 or K == 0:
         return 0.0, 1.0, never
-    fold, k = _folds(g, folds)
+    video, video_fold, k = _videos(g, folds)
     if k < 2:
         return 0.0, 1.0, never
+    fold = video_fold[video]
     onehot = fold[:, None] == np.arange(k)[None, :]
-    _, video = np.unique(g, return_inverse=True)
-    video = video.ravel()
-    per_video = video[:, None] == np.arange(video.max() + 1)[None, :]
+    per_video = video[:, None] == np.arange(video_fold.size)[None, :]
     lo_c, hi_c, exits, n_v, e_v, f_v = _candidates(Pe, Yb, frame_f1(Pf > thr, Yb), values, per_video)
-    video_fold = fold[np.unique(video, return_index=True)[1]]  # (V,) each video's fold
     n, e, f = (np.stack([x[video_fold == j].sum(0) for j in range(k)]) for x in (n_v, e_v, f_v))
     map_cost = _MapCost(Yb, Pf, final_scale(Pe, thr) if centred else Pe, fold, exits)
-    slack = 1e-9  # float sums of equal F1s / mAPs must not fail a zero tolerance
 
     picks = []
     for h in range(k):
@@ -343,7 +350,7 @@ def calibrate_exit(
             (
                 int(m)
                 for m in order[f1_ok[order]]
-                if map_cost(choice, m) <= tolerance + slack and map_cost((h,), m) <= tolerance + slack
+                if map_cost(choice, m) <= tolerance + _SLACK and map_cost((h,), m) <= tolerance + _SLACK
             ),
             None,
         )

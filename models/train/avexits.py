@@ -311,7 +311,7 @@ def train_deployed(
     pr = predict(vit, exits, final, report, ctx)
     names = sorted((k for k in exits if k.startswith("audiovisual@")), key=lambda k: int(k.split("@")[1]))
     cals = [calibrate(calib, pc, n, ctx) for n in names]
-    measured = measure(calib, report, pc, pr, ctx) | {"count_grad": COUNT_GRAD}
+    measured = measure(calib, report, pc, pr, ctx) | {"count_grad": exits[names[0]].count_grad}
     return [exits[n] for n in names], cals, final, measured
 
 
